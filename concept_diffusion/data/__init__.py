@@ -1,0 +1,57 @@
+"""Ground-truth datasets: `get_dataset(config.data)` returns a `GroundTruthDataset`.
+
+New datasets register a builder (`ConfigDict -> GroundTruthDataset`) under their config name with
+`register_dataset`; builders import their heavy dependencies lazily so that using one dataset never
+requires another's packages.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from concept_diffusion.data.base import GroundTruthDataset, validate_image_size
+from concept_diffusion.data.shapes import ProceduralShapes3D
+
+DatasetBuilder = Callable[[Any], GroundTruthDataset]
+_BUILDERS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str, builder: DatasetBuilder) -> None:
+  """Makes `get_dataset` build `name` with `builder(data_config)`."""
+  if name in _BUILDERS:
+    raise ValueError(f"dataset {name!r} is already registered.")
+  _BUILDERS[name] = builder
+
+
+def known_datasets() -> tuple[str, ...]:
+  return tuple(sorted(_BUILDERS))
+
+
+def _field(data_config: Any, key: str, default: Any = None) -> Any:
+  # ConfigDict and plain dicts both support .get; attribute-only objects fall back to getattr.
+  if hasattr(data_config, "get"):
+    return data_config.get(key, default)
+  return getattr(data_config, key, default)
+
+
+def get_dataset(data_config: Any) -> GroundTruthDataset:
+  """The dataset named by `data_config.name`, checked against `image_size` and `channels`."""
+  name = _field(data_config, "name")
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown dataset data.name={name!r}; known datasets: {', '.join(known_datasets())}.")
+  validate_image_size(_field(data_config, "image_size"))
+  dataset = _BUILDERS[name](data_config)
+  channels = _field(data_config, "channels", dataset.image_shape[-1])
+  if channels != dataset.image_shape[-1]:
+    raise ValueError(f"data.channels={channels!r} but {name} images have {dataset.image_shape[-1]} channels; "
+                     f"set data.channels={dataset.image_shape[-1]}.")
+  return dataset
+
+
+def _build_procedural_shapes(data_config: Any) -> GroundTruthDataset:
+  return ProceduralShapes3D(image_size=_field(data_config, "image_size"))
+
+
+register_dataset("procedural_shapes", _build_procedural_shapes)
+
+__all__ = ["GroundTruthDataset", "ProceduralShapes3D", "get_dataset", "known_datasets", "register_dataset",
+           "validate_image_size"]

@@ -1,0 +1,94 @@
+"""Noise schedules in the LDM conventions (`make_beta_schedule`) and the forward process."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "sqrt_linear", "sqrt", "cosine")
+
+
+def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                       cosine_s: float = 8e-3) -> np.ndarray:
+  """Betas (T,) in float64, exactly as LDM's `make_beta_schedule` builds them."""
+  if timesteps < 1:
+    raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}.")
+  if kind == "linear":  # LDM's "linear" is linear in sqrt(beta)
+    return np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
+  if kind == "sqrt_linear":
+    return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64)
+  if kind == "sqrt":
+    return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64) ** 0.5
+  if kind == "cosine":  # Nichol & Dhariwal (2021)
+    steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps + cosine_s
+    alphas_cumprod = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
+  raise ValueError(f"Unknown diffusion.beta_schedule {kind!r}; choose one of {SCHEDULES}.")
+
+
+@chex.dataclass(frozen=True)
+class Schedule:
+  """Precomputed per-timestep constants (float32 on device)."""
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array
+  posterior_log_variance_clipped: jax.Array
+  posterior_mean_coef1: jax.Array
+  posterior_mean_coef2: jax.Array
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def schedule_from_betas(betas: np.ndarray) -> Schedule:
+  betas = np.asarray(betas, dtype=np.float64)
+  alphas_cumprod = np.cumprod(1.0 - betas)
+  alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+  posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # v_posterior = 0
+  f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
+  return Schedule(
+      betas=f32(betas), alphas_cumprod=f32(alphas_cumprod), alphas_cumprod_prev=f32(alphas_cumprod_prev),
+      sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
+      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - alphas_cumprod)),
+      posterior_variance=f32(posterior_variance),
+      posterior_log_variance_clipped=f32(np.log(np.maximum(posterior_variance, 1e-20))),
+      posterior_mean_coef1=f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
+      posterior_mean_coef2=f32((1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)))
+
+
+def make_schedule(diffusion_config) -> Schedule:
+  return schedule_from_betas(make_beta_schedule(
+      diffusion_config.beta_schedule, diffusion_config.timesteps, diffusion_config.linear_start,
+      diffusion_config.linear_end, diffusion_config.cosine_s))
+
+
+def _bcast(values: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  return values[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+  return (_bcast(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+          + _bcast(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+
+def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+  return ((x_t - _bcast(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * eps)
+          / _bcast(schedule.sqrt_alphas_cumprod, t, x_t.ndim))
+
+
+def noise_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
+  """Mean over C,H,W then batch, as LDM's `p_losses` with l_simple_weight 1 and logvar 0."""
+  if kind == "l1":
+    per_example = jnp.abs(pred - target)
+  elif kind == "l2":
+    per_example = jnp.square(pred - target)
+  else:
+    raise ValueError(f"Unknown diffusion.loss {kind!r}; choose 'l1' (official code) or 'l2' (paper).")
+  return per_example.reshape(per_example.shape[0], -1).mean(axis=1).mean()

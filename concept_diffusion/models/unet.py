@@ -1,0 +1,111 @@
+"""The denoiser: LDM `openaimodel` UNet whose SpatialTransformers cross-attend to the concept tokens.
+
+Module names follow the official state dict (`input_blocks_4_0` = `input_blocks.4.0`), so every parameter
+has one obvious official counterpart. Cross-attention is the only path from the tokens into the UNet.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from concept_diffusion.models.layers import ResBlock, SpatialTransformer, conv, dense, group_norm, timestep_embedding
+
+
+class UNet(nn.Module):
+  """Predicts the noise of a latent (B, H, W, C) at timesteps (B,) given tokens (B, N, token_dim).
+
+  Call with `mutable=["intermediates"]` to also get every cross-attention layer's probabilities
+  (`.../attn2/attn_probs`, shape (B, heads, H*W, N)); the output is the same either way.
+  """
+  in_channels: int = 3
+  out_channels: int = 3
+  model_channels: int = 64
+  channel_mult: Sequence[int] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = (1, 2, 4)
+  num_heads: int = 8
+  transformer_depth: int = 1
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = True
+  resblock_updown: bool = True
+  norm_groups: int = 32
+  dtype: Any = jnp.float32
+
+  def _res(self, ch: int, name: str, resample: str = "none") -> ResBlock:
+    return ResBlock(ch, self.dropout, self.use_scale_shift_norm, resample, self.norm_groups, self.dtype, name=name)
+
+  def _attn(self, ch: int, name: str) -> SpatialTransformer:
+    # legacy=True with a spatial transformer: dim_head = channels // num_heads.
+    return SpatialTransformer(self.num_heads, ch // self.num_heads, self.transformer_depth, self.dropout,
+                              self.norm_groups, self.dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, timesteps: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"UNet expects NHWC latents with {self.in_channels} channels, got shape {x.shape}.")
+    emb_dim = 4 * self.model_channels
+    emb = timestep_embedding(timesteps, self.model_channels)
+    emb = dense(emb_dim, "time_embed_2", dtype=self.dtype)(nn.silu(dense(emb_dim, "time_embed_0", dtype=self.dtype)(
+        emb.astype(self.dtype))))
+    context = context.astype(self.dtype)
+
+    h = conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype)(x.astype(self.dtype))
+    skips, chans = [h], [self.model_channels]
+    ch, ds, block = self.model_channels, 1, 1
+    for level, mult in enumerate(self.channel_mult):
+      for _ in range(self.num_res_blocks):
+        ch = mult * self.model_channels
+        h = self._res(ch, f"input_blocks_{block}_0")(h, emb, train)
+        if ds in self.attention_resolutions:
+          h = self._attn(ch, f"input_blocks_{block}_1")(h, context, train)
+        skips.append(h)
+        chans.append(ch)
+        block += 1
+      if level != len(self.channel_mult) - 1:
+        if self.resblock_updown:
+          h = self._res(ch, f"input_blocks_{block}_0", resample="down")(h, emb, train)
+        else:
+          h = conv(ch, 3, f"input_blocks_{block}_0_op", strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype)(h)
+        skips.append(h)
+        chans.append(ch)
+        block += 1
+        ds *= 2
+
+    h = self._res(ch, "middle_block_0")(h, emb, train)
+    h = self._attn(ch, "middle_block_1")(h, context, train)
+    h = self._res(ch, "middle_block_2")(h, emb, train)
+
+    block = 0
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        chans.pop()
+        ch = mult * self.model_channels
+        h = self._res(ch, f"output_blocks_{block}_0")(h, emb, train)
+        sub = 1
+        if ds in self.attention_resolutions:
+          h = self._attn(ch, f"output_blocks_{block}_1")(h, context, train)
+          sub = 2
+        if level and i == self.num_res_blocks:
+          if self.resblock_updown:
+            h = self._res(ch, f"output_blocks_{block}_{sub}", resample="up")(h, emb, train)
+          else:
+            h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+            h = conv(ch, 3, f"output_blocks_{block}_{sub}_conv", dtype=self.dtype)(h)
+          ds //= 2
+        block += 1
+
+    h = nn.silu(group_norm(self.norm_groups, "out_0")(h)).astype(self.dtype)
+    return conv(self.out_channels, 3, "out_2", zero_init=True, dtype=self.dtype)(h).astype(jnp.float32)
+
+
+def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32) -> UNet:
+  return UNet(in_channels=latent_channels, out_channels=latent_channels, model_channels=unet_config.model_channels,
+              channel_mult=tuple(unet_config.channel_mult), num_res_blocks=unet_config.num_res_blocks,
+              attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
+              transformer_depth=unet_config.transformer_depth, dropout=unet_config.dropout,
+              use_scale_shift_norm=unet_config.use_scale_shift_norm, resblock_updown=unet_config.resblock_updown,
+              norm_groups=unet_config.norm_groups, dtype=dtype)

@@ -1,0 +1,122 @@
+"""The concept-diffusion stage: state, optimiser, EMA and the jitted train step.
+
+Encoder and UNet are trained jointly with the plain noise-prediction loss (no other term), the UNet
+is EMA-averaged, the encoder is not (official `LitEma(self.model)`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from concept_diffusion.diffusion import make_schedule, noise_loss, q_sample
+from concept_diffusion.models.encoder import ConceptEncoder, build_encoder
+from concept_diffusion.models.unet import UNet, build_unet
+from concept_diffusion.train import first_stage
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class DiffusionState:
+  step: jax.Array
+  params: Any  # {"encoder": ..., "unet": ...}
+  batch_stats: Any  # encoder BatchNorm running statistics
+  opt_state: Any
+  ema_unet: Any
+  scale_factor: jax.Array  # 1/std of the first batch's latents; 1 in pixel space
+
+
+def latent_shape(config) -> tuple[int, int, int]:
+  """Shape of one diffusion input: the first stage's latent, or the image in pixel space."""
+  size, channels = config.data.image_size, config.data.channels
+  if config.first_stage.kind == "none":
+    return size, size, channels
+  factor = 2 ** (len(config.first_stage.ch_mult) - 1)
+  if size % factor:
+    raise ValueError(f"data.image_size={size} is not divisible by the first stage's downsampling factor {factor} "
+                     f"(first_stage.ch_mult={tuple(config.first_stage.ch_mult)}).")
+  return size // factor, size // factor, config.first_stage.embed_dim
+
+
+def build_models(config) -> tuple[ConceptEncoder, UNet]:
+  dtype = COMPUTE_DTYPES[config.train.get("compute_dtype", "float32")]
+  return build_encoder(config.encoder), build_unet(config.unet, latent_shape(config)[-1], dtype)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW (torch defaults, wd 0.01) with LDM's LambdaLinearScheduler: warm-up from 1e-6*lr, then constant."""
+  lr = optax.linear_schedule(1e-6 * train_config.lr, train_config.lr, max(train_config.warmup_steps, 1))
+  return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay)
+
+
+def learning_rate(train_config, step: jax.Array) -> jax.Array:
+  warm = max(train_config.warmup_steps, 1)
+  return train_config.lr * (1e-6 + (1 - 1e-6) * jnp.minimum(step, warm) / warm)
+
+
+def create_diffusion_state(config, rng: jax.Array) -> DiffusionState:
+  encoder, unet = build_models(config)
+  h, w, c = latent_shape(config)
+  size, channels = config.data.image_size, config.data.channels
+  enc_key, unet_key = jax.random.split(rng)
+  enc_vars = encoder.init(enc_key, jnp.zeros((1, size, size, channels)))
+  tokens = jnp.zeros((1, config.encoder.num_tokens, config.encoder.token_dim))
+  unet_vars = unet.init(unet_key, jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), tokens)
+  params = {"encoder": enc_vars["params"], "unet": unet_vars["params"]}
+  return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=enc_vars["batch_stats"],
+                        opt_state=make_optimizer(config.train).init(params),
+                        ema_unet=jax.tree_util.tree_map(jnp.copy, params["unet"]),
+                        scale_factor=jnp.ones((), jnp.float32))
+
+
+def ema_decay(train_config, num_updates: jax.Array) -> jax.Array:
+  """LitEma: min(decay, (1 + n) / (10 + n)) with n counted after the increment."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(train_config.ema_decay, (1 + n) / (10 + n))
+
+
+def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: Any, rng: jax.Array, *,
+                         config) -> tuple[DiffusionState, dict[str, jax.Array]]:
+  """One optimiser step on a batch of images in [-1, 1]; a pure function of its arguments."""
+  encoder, unet = build_models(config)
+  schedule = make_schedule(config.diffusion)
+  t_key, noise_key, drop_key = jax.random.split(rng, 3)
+
+  latents = jax.lax.stop_gradient(first_stage.first_stage_encode(config, ae_params, images)) * state.scale_factor
+  t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
+  noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
+  x_t = q_sample(schedule, latents, t, noise)
+
+  def loss_fn(params):
+    (_, tokens), updates = encoder.apply({"params": params["encoder"], "batch_stats": state.batch_stats}, images,
+                                         train=True, mutable=["batch_stats"])
+    eps = unet.apply({"params": params["unet"]}, x_t, t, tokens, train=True, rngs={"dropout": drop_key})
+    return noise_loss(eps, noise, config.diffusion.loss), updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  tx = make_optimizer(config.train)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay(config.train, state.step + 1)
+  ema_unet = jax.tree_util.tree_map(lambda e, p: e - (1 - decay) * (e - p), state.ema_unet, params["unet"])
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": learning_rate(config.train, state.step),
+             "ema_decay": decay}
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                       ema_unet=ema_unet), metrics
+
+
+def compute_scale_factor(config, ae_params: Any, images: jax.Array) -> jax.Array:
+  """scale_by_std: 1 / std (unbiased, as torch) of the first batch's latents; 1 in pixel space."""
+  if config.first_stage.kind == "none" or not config.train.scale_by_std:
+    return jnp.ones((), jnp.float32)
+  latents = first_stage.first_stage_encode(config, ae_params, images)
+  return (1.0 / jnp.std(latents, ddof=1)).astype(jnp.float32)
+
+
+def make_train_step(config) -> Callable:
+  return jax.jit(functools.partial(diffusion_train_step, config=config), donate_argnums=0)

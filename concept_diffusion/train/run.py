@@ -1,0 +1,145 @@
+"""`train(config, workdir)`: every stage the config lists, skipping finished ones and resuming the rest."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from concept_diffusion import data as data_lib
+from concept_diffusion import generate, visualize
+from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.data.sampling import batch_indices
+from concept_diffusion.train import diffusion_stage, first_stage
+from concept_diffusion.train.loop import run_loop
+from concept_diffusion.train.workdir import check_or_write_config, validate_config
+from concept_diffusion.train.writer import MetricWriter, read_metrics
+
+AE_DIR, DIFFUSION_DIR = "autoencoder", "diffusion"
+
+
+def load_dataset(config) -> data_lib.GroundTruthDataset:
+  dataset = data_lib.get_dataset(config.data)
+  expected = (config.data.image_size, config.data.image_size, config.data.channels)
+  if tuple(dataset.image_shape) != expected:
+    raise ValueError(f"Dataset {config.data.name!r} yields images of shape {tuple(dataset.image_shape)}, but the "
+                     f"config expects {expected} (data.image_size, data.channels). Set them to match.")
+  return dataset
+
+
+def make_batch_fn(dataset, batch_size: int, seed: int):
+  render = getattr(dataset, "images_jax", None)
+  render = jax.jit(render) if render is not None else None
+
+  def batch_fn(step: int) -> jax.Array:
+    indices = batch_indices(step, batch_size, dataset.num_images, seed)
+    return render(jnp.asarray(indices)) if render is not None else jnp.asarray(dataset.images(indices))
+  return batch_fn
+
+
+def _abstract(fn, *args):
+  return jax.eval_shape(fn, *args)
+
+
+def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng: jax.Array) -> Any:
+  """Trains (or resumes, or skips) the first stage; returns its parameters (None in pixel space)."""
+  fs = config.first_stage
+  if fs.kind == "none":
+    return None
+  create = functools.partial(first_stage.create_first_stage_state, config)
+  if "first_stage" not in config.stages:
+    source = fs.checkpoint or workdir
+    ckpts = StageCheckpoints(os.path.join(source, AE_DIR), keep=config.train.keep_checkpoints)
+    if ckpts.latest_step() is None or ckpts.latest_step() < fs.num_steps:
+      raise FileNotFoundError(
+          f"No finished first-stage checkpoint in {os.path.join(source, AE_DIR)} (need step >= "
+          f"first_stage.num_steps={fs.num_steps}, found {ckpts.latest_step()}). Add 'first_stage' to "
+          "config.stages to train it, or point first_stage.checkpoint at a workdir that has one.")
+    return ckpts.restore(_abstract(create, rng)).ae_params
+  ckpts = StageCheckpoints(os.path.join(workdir, AE_DIR), keep=config.train.keep_checkpoints)
+  latest = ckpts.latest_step() or 0
+  if latest >= fs.num_steps and latest > 0:
+    logging.info("First stage finished at step %d; skipping.", latest)
+    return ckpts.restore(_abstract(create, rng)).ae_params
+  state = ckpts.restore(_abstract(create, rng)) if latest else create(rng)
+  step_fn = jax.jit(functools.partial(first_stage.first_stage_train_step, config=config), donate_argnums=0)
+  state = run_loop(stage="first_stage", state=state, start_step=latest, num_steps=fs.num_steps, step_fn=step_fn,
+                   batch_fn=make_batch_fn(dataset, fs.batch_size, config.seed), rng=jax.random.fold_in(rng, 1),
+                   ckpts=ckpts, writer=writer, log_every=fs.log_every, checkpoint_every=fs.checkpoint_every,
+                   batch_size=fs.batch_size)
+  ckpts.close()
+  return state.ae_params
+
+
+def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: MetricWriter,
+                     rng: jax.Array) -> diffusion_stage.DiffusionState:
+  tc = config.train
+  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints)
+  create = functools.partial(diffusion_stage.create_diffusion_state, config)
+  latest = ckpts.latest_step() or 0
+  batch_fn = make_batch_fn(dataset, tc.batch_size, config.seed + 1)
+  if latest:
+    state = ckpts.restore(_abstract(create, rng))
+  else:
+    state = create(rng)
+    state = state.replace(scale_factor=diffusion_stage.compute_scale_factor(config, ae_params, batch_fn(0)))
+    logging.info("scale_factor = %.5f", float(state.scale_factor))
+  if latest >= tc.num_steps:
+    logging.info("Diffusion stage finished at step %d; skipping.", latest)
+    ckpts.close()
+    return state
+  train_step = diffusion_stage.make_train_step(config)
+  step_fn = lambda s, images, key: train_step(s, images, ae_params, key)
+  state = run_loop(stage="diffusion", state=state, start_step=latest, num_steps=tc.num_steps, step_fn=step_fn,
+                   batch_fn=batch_fn, rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer,
+                   log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size)
+  ckpts.close()
+  return state
+
+
+def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rng: jax.Array) -> list[str]:
+  """Loss curves and a grid: inputs / first-stage reconstructions / DDIM reconstructions from own tokens."""
+  figures = os.path.join(workdir, "figures")
+  paths = [os.path.join(figures, "loss_curves.png")]
+  visualize.plot_curves(read_metrics(workdir), paths[0])
+  if state is None:
+    return paths
+  frozen = ml_collections.FrozenConfigDict(config)
+  n = config.sample.num_images
+  indices = np.random.default_rng(config.seed).choice(dataset.num_images, size=n, replace=False)
+  images = jnp.asarray(dataset.images(np.sort(indices)))
+  rows, labels = [images], ["input"]
+  if config.first_stage.kind != "none":
+    rows.append(generate.first_stage_reconstruct(config, ae_params, images))
+    labels.append("autoencoder")
+  rows.append(generate.reconstruct(frozen, state, ae_params, images, rng, steps=config.sample.ddim_steps,
+                                   eta=config.sample.eta))
+  labels.append(f"DDIM {config.sample.ddim_steps}")
+  grid = visualize.image_grid([np.asarray(generate.as_uint8(r)) for r in rows], labels,
+                              upscale=max(1, 64 // config.data.image_size))
+  paths.append(os.path.join(figures, "reconstructions.png"))
+  visualize.save_png(paths[-1], grid)
+  return paths
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.DiffusionState | None:
+  validate_config(config)
+  is_main = jax.process_index() == 0
+  check_or_write_config(config, workdir, write=is_main)
+  dataset = load_dataset(config)
+  writer = MetricWriter(workdir, enabled=is_main)
+  rng = jax.random.PRNGKey(config.seed)
+  ae_params = _first_stage_params(config, workdir, dataset, writer, jax.random.fold_in(rng, 10))
+  state = None
+  if "diffusion" in config.stages:
+    state = _diffusion_stage(config, workdir, dataset, ae_params, writer, jax.random.fold_in(rng, 20))
+  if is_main:
+    for path in write_final_figures(config, workdir, dataset, state, ae_params, jax.random.fold_in(rng, 30)):
+      logging.info("Wrote %s", path)
+  writer.close()
+  return state

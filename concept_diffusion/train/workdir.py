@@ -1,0 +1,113 @@
+"""Config validation and the workdir contract (config.json beside the checkpoints)."""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from concept_diffusion import defaults
+from concept_diffusion.diffusion import SCHEDULES
+
+# Fields a user may change between invocations on one workdir: they extend or observe a run without
+# changing what it computes.
+RESUMABLE_FIELDS = (
+    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "first_stage.num_steps", "first_stage.log_every", "first_stage.checkpoint_every",
+    "sample.", "stages", "name",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, (dict, ml_collections.ConfigDict)):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else d.items()):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One clear ValueError for a field the schema does not know or a value no code path accepts."""
+  known = _flatten(config_to_dict(defaults.get_base_config()))
+  for key in _flatten(config_to_dict(config)):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"Unknown config field {key!r}.{hint} The schema is concept_diffusion/defaults.py.")
+  checks = [
+      (config.first_stage.kind in ("vq", "kl", "none"), "first_stage.kind must be 'vq', 'kl' or 'none'"),
+      (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
+      (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
+      (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
+       "stages must be a non-empty subset of ('first_stage', 'diffusion')"),
+      (config.train.batch_size > 0 and config.first_stage.batch_size > 0, "batch sizes must be positive"),
+      (config.encoder.num_tokens > 0 and config.encoder.token_dim > 0, "encoder.num_tokens/token_dim must be > 0"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(f"Invalid config: {message}.")
+  for section, groups, widths in (("unet", config.unet.norm_groups, [config.unet.model_channels * m
+                                                                      for m in config.unet.channel_mult]),
+                                  ("first_stage", config.first_stage.norm_groups,
+                                   [config.first_stage.ch * m for m in config.first_stage.ch_mult])):
+    bad = [w for w in widths if w % groups]
+    if bad:
+      raise ValueError(f"Invalid config: {section}.norm_groups={groups} does not divide channel widths {bad}.")
+  for mult in config.unet.channel_mult:
+    if (mult * config.unet.model_channels) % config.unet.num_heads:
+      raise ValueError(f"Invalid config: unet.num_heads={config.unet.num_heads} does not divide "
+                       f"{mult * config.unet.model_channels} channels.")
+
+
+def _is_resumable(key: str) -> bool:
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUMABLE_FIELDS)
+
+
+def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, write: bool = True) -> None:
+  """Refuses a workdir whose config.json describes a different run; writes config.json otherwise."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = config_to_dict(config)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    new, old = _flatten(current), _flatten(saved)
+    diffs = sorted(k for k in set(new) | set(old) if not _is_resumable(k) and new.get(k) != old.get(k))
+    if diffs:
+      lines = "\n".join(f"  {k}: workdir has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs[:20])
+      raise ValueError(
+          f"The workdir {workdir} holds a run with a different config:\n{lines}\n"
+          "Use a new --workdir, or pass the workdir's values (see its config.json) to resume it.")
+  if write:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config from its config.json (for evaluate/visualize, which take only --workdir)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a workdir written by experiments/train.py?")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  config = defaults.get_base_config()
+  _update(config, saved)
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict):
+      _update(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value

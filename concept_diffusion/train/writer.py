@@ -1,0 +1,53 @@
+"""Metrics to `metrics.jsonl` and TensorBoard (tensorboardX: event files without TensorFlow)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+class MetricWriter:
+  """Appends one JSON line per logged step and mirrors scalars/images to TensorBoard.
+
+  Only process 0 writes, so multi-host runs do not produce duplicate logs.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: Mapping[str, float], stage: str) -> None:
+    if not self.enabled:
+      return
+    record = {"stage": stage, "step": int(step), **{k: float(v) for k, v in values.items()}}
+    with open(self._jsonl, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in values.items():
+      self._tb.add_scalar(f"{stage}/{key}", float(value), int(step))
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    """image: (H, W, 3) uint8."""
+    if self.enabled:
+      self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

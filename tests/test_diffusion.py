@@ -1,0 +1,96 @@
+"""Schedules against closed forms, the forward process, and the samplers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion.diffusion import (ddim_sample, ddim_timesteps, ddpm_sample, make_beta_schedule, noise_loss,
+                                         q_sample, schedule_from_betas)
+
+
+def test_linear_schedule_is_linear_in_sqrt_beta():
+  betas = make_beta_schedule("linear", 1000, 0.0015, 0.0155)
+  assert betas[0] == pytest.approx(0.0015, rel=1e-12)
+  assert betas[-1] == pytest.approx(0.0155, rel=1e-12)
+  np.testing.assert_allclose(np.diff(np.sqrt(betas)), (0.0155 ** 0.5 - 0.0015 ** 0.5) / 999, rtol=1e-9)
+  # LDM's value at the midpoint, computed independently.
+  t = 500 / 999
+  assert betas[500] == pytest.approx(((1 - t) * 0.0015 ** 0.5 + t * 0.0155 ** 0.5) ** 2, rel=1e-12)
+
+
+def test_sqrt_linear_and_sqrt_schedules():
+  np.testing.assert_allclose(make_beta_schedule("sqrt_linear", 10, 0.1, 0.2), np.linspace(0.1, 0.2, 10))
+  np.testing.assert_allclose(make_beta_schedule("sqrt", 10, 0.1, 0.2), np.sqrt(np.linspace(0.1, 0.2, 10)))
+
+
+def test_cosine_schedule_matches_alpha_bar_closed_form():
+  s, T = 8e-3, 1000
+  betas = make_beta_schedule("cosine", T, cosine_s=s)
+  f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+  abar = np.cumprod(1 - betas)
+  unclipped = np.arange(T) < T - 1  # the last beta is clipped at 0.999
+  np.testing.assert_allclose(abar[unclipped], (f(np.arange(1, T + 1)) / f(0))[unclipped], rtol=1e-9)
+  assert betas.max() <= 0.999
+
+
+def test_unknown_schedule_and_loss_raise():
+  with pytest.raises(ValueError, match="beta_schedule"):
+    make_beta_schedule("quadratic", 10)
+  with pytest.raises(ValueError, match="diffusion.loss"):
+    noise_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), "huber")
+
+
+def test_noise_loss_l1_and_l2():
+  pred, target = jnp.array([[1.0, -1.0], [3.0, 0.0]]), jnp.zeros((2, 2))
+  assert float(noise_loss(pred, target, "l1")) == pytest.approx((1 + 1.5) / 2)
+  assert float(noise_loss(pred, target, "l2")) == pytest.approx((1 + 4.5) / 2)
+
+
+def test_q_sample_statistics():
+  sched = schedule_from_betas(make_beta_schedule("linear", 1000, 0.0015, 0.0155))
+  x0 = jnp.full((20000, 4), 0.7)
+  for t_val in (0, 300, 999):
+    t = jnp.full((20000,), t_val)
+    xt = q_sample(sched, x0, t, jax.random.normal(jax.random.PRNGKey(t_val), x0.shape))
+    abar = float(sched.alphas_cumprod[t_val])
+    assert float(xt.mean()) == pytest.approx(0.7 * abar ** 0.5, abs=0.01)
+    assert float(xt.std()) == pytest.approx((1 - abar) ** 0.5, rel=0.03)
+
+
+def test_ddim_timesteps_follow_ldm_uniform():
+  np.testing.assert_array_equal(ddim_timesteps(1000, 200)[:3], [1, 6, 11])
+  assert ddim_timesteps(1000, 200)[-1] == 996
+  np.testing.assert_array_equal(ddim_timesteps(10, 10), np.arange(10))  # no +1 past the end
+  with pytest.raises(ValueError):
+    ddim_timesteps(10, 11)
+
+
+def _oracle(sched, x0):
+  """The perfect noise predictor for a known x0."""
+  def eps_fn(x, t):
+    a = sched.alphas_cumprod[t][:, None, None, None]
+    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+  return eps_fn
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_not():
+  sched = schedule_from_betas(make_beta_schedule("linear", 100, 0.0015, 0.0155))
+  eps_fn = lambda x, t: 0.1 * x
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  a = ddim_sample(eps_fn, sched, x_T, jax.random.PRNGKey(1), 20, eta=0.0)
+  b = ddim_sample(eps_fn, sched, x_T, jax.random.PRNGKey(2), 20, eta=0.0)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c = ddim_sample(eps_fn, sched, x_T, jax.random.PRNGKey(2), 20, eta=1.0)
+  assert float(jnp.abs(a - c).max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_samplers_with_oracle_recover_x0(kind):
+  T = 200
+  sched = schedule_from_betas(make_beta_schedule(kind, T, 0.0015, 0.0155))
+  x0 = jax.random.uniform(jax.random.PRNGKey(3), (2, 4, 4, 3), minval=-1, maxval=1)
+  x_T = jax.random.normal(jax.random.PRNGKey(4), x0.shape)
+  out = ddpm_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(5))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
+  _, pred_x0 = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), T, eta=1.0, return_x0=True)
+  np.testing.assert_allclose(np.asarray(pred_x0), np.asarray(x0), atol=2e-3)
