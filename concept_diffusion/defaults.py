@@ -34,6 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   fs.embed_dim = 3
   fs.n_embed = 2048  # VQ codebook size
   fs.beta = 0.25  # VQ commitment
+  fs.vq_legacy = True  # taming's legacy loss (official): beta weighs the codebook term, not the commitment term
   fs.kl_weight = 1e-6  # kl variant only
   fs.norm_groups = 32
   fs.pixel_weight = 1.0  # L1

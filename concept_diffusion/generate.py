@@ -45,6 +45,7 @@ def reconstruct(config, state: DiffusionState, ae_params: Any, images: jax.Array
   return sample_from_tokens(config, state, ae_params, tokens, rng, steps=steps, eta=eta)
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def first_stage_reconstruct(config, ae_params: Any, images: jax.Array) -> jax.Array:
   return first_stage.first_stage_decode(config, ae_params, first_stage.first_stage_encode(config, ae_params, images))
 

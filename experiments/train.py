@@ -8,9 +8,13 @@ Running the same command again resumes an unfinished stage and skips a finished 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from concept_diffusion import cli  # noqa: E402
+
+cli.add_repo_root_to_path()
+
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from concept_diffusion.train.run import train  # noqa: E402
@@ -22,14 +26,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
-  try:
-    train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # One clear message instead of a traceback for the errors that are the user's to fix.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress goes to the bar instead
+  train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -64,9 +64,9 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
     t_scalar = num - 1 - i
     t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
     x0 = predict_x0(schedule, x, t, eps_fn(x, t))
-    mean = schedule.posterior_mean_coef1[t_scalar] * x0 + schedule.posterior_mean_coef2[t_scalar] * x
+    mean = schedule.take("posterior_mean_coef1", t_scalar) * x0 + schedule.take("posterior_mean_coef2", t_scalar) * x
     noise = jax.random.normal(sub, x.shape, x.dtype) * (t_scalar > 0)
-    return mean + jnp.exp(0.5 * schedule.posterior_log_variance_clipped[t_scalar]) * noise, key
+    return mean + jnp.exp(0.5 * schedule.take("posterior_log_variance_clipped", t_scalar)) * noise, key
 
   x, _ = jax.lax.fori_loop(0, num, body, (x_T, rng))
   return x

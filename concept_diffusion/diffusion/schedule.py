@@ -1,7 +1,8 @@
 """Noise schedules in the LDM conventions (`make_beta_schedule`) and the forward process."""
 from __future__ import annotations
 
-import chex
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,22 +29,29 @@ def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, li
   raise ValueError(f"Unknown diffusion.beta_schedule {kind!r}; choose one of {SCHEDULES}.")
 
 
-@chex.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Schedule:
-  """Precomputed per-timestep constants (float32 on device)."""
-  betas: jax.Array
-  alphas_cumprod: jax.Array
-  alphas_cumprod_prev: jax.Array
-  sqrt_alphas_cumprod: jax.Array
-  sqrt_one_minus_alphas_cumprod: jax.Array
-  posterior_variance: jax.Array
-  posterior_log_variance_clipped: jax.Array
-  posterior_mean_coef1: jax.Array
-  posterior_mean_coef2: jax.Array
+  """Precomputed per-timestep constants as float64 numpy arrays.
+
+  Kept in numpy so they stay concrete inside `jit` (samplers derive their own constants in float64);
+  index them with traced timesteps through `take`, which returns float32 device values.
+  """
+  betas: np.ndarray
+  alphas_cumprod: np.ndarray
+  alphas_cumprod_prev: np.ndarray
+  sqrt_alphas_cumprod: np.ndarray
+  sqrt_one_minus_alphas_cumprod: np.ndarray
+  posterior_variance: np.ndarray
+  posterior_log_variance_clipped: np.ndarray
+  posterior_mean_coef1: np.ndarray
+  posterior_mean_coef2: np.ndarray
 
   @property
   def num_timesteps(self) -> int:
     return self.betas.shape[0]
+
+  def take(self, name: str, t: jax.Array) -> jax.Array:
+    return jnp.asarray(getattr(self, name), jnp.float32)[t]
 
 
 def schedule_from_betas(betas: np.ndarray) -> Schedule:
@@ -51,15 +59,13 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
   alphas_cumprod = np.cumprod(1.0 - betas)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
   posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # v_posterior = 0
-  f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
   return Schedule(
-      betas=f32(betas), alphas_cumprod=f32(alphas_cumprod), alphas_cumprod_prev=f32(alphas_cumprod_prev),
-      sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
-      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - alphas_cumprod)),
-      posterior_variance=f32(posterior_variance),
-      posterior_log_variance_clipped=f32(np.log(np.maximum(posterior_variance, 1e-20))),
-      posterior_mean_coef1=f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
-      posterior_mean_coef2=f32((1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)))
+      betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
+      sqrt_alphas_cumprod=np.sqrt(alphas_cumprod), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+      posterior_variance=posterior_variance,
+      posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
+      posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+      posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
 
 
 def make_schedule(diffusion_config) -> Schedule:
@@ -68,8 +74,8 @@ def make_schedule(diffusion_config) -> Schedule:
       diffusion_config.linear_end, diffusion_config.cosine_s))
 
 
-def _bcast(values: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
-  return values[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+def _bcast(values: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
+  return jnp.asarray(values, jnp.float32)[t].reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:

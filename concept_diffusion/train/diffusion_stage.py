@@ -104,12 +104,13 @@ def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: An
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(config.train, state.step + 1)
   ema_unet = jax.tree_util.tree_map(lambda e, p: e - (1 - decay) * (e - p), state.ema_unet, params["unet"])
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": learning_rate(config.train, state.step),
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": learning_rate(config.train, state.step),
              "ema_decay": decay}
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                        ema_unet=ema_unet), metrics
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def compute_scale_factor(config, ae_params: Any, images: jax.Array) -> jax.Array:
   """scale_by_std: 1 / std (unbiased, as torch) of the first batch's latents; 1 in pixel space."""
   if config.first_stage.kind == "none" or not config.train.scale_by_std:
@@ -118,5 +119,12 @@ def compute_scale_factor(config, ae_params: Any, images: jax.Array) -> jax.Array
   return (1.0 / jnp.std(latents, ddof=1)).astype(jnp.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_train_step(frozen_config) -> Callable:
+  return jax.jit(functools.partial(diffusion_train_step, config=frozen_config), donate_argnums=0)
+
+
 def make_train_step(config) -> Callable:
-  return jax.jit(functools.partial(diffusion_train_step, config=config), donate_argnums=0)
+  """The jitted step; one compilation per computation-relevant config (see `computation_config`)."""
+  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
+  return _jitted_train_step(computation_config(config))

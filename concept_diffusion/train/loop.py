@@ -47,7 +47,8 @@ def run_loop(*, stage: str, state: Any, start_step: int, num_steps: int, step_fn
       last_time, last_step = now, done
       mean.update(steps_per_s=rate, images_per_s=rate * batch_size)
       writer.scalars(done, mean, stage)
-      bar.set_postfix(loss=f"{mean['loss']:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
+      loss = mean.get("loss", mean.get("total_loss", float("nan")))
+      bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
     if done % checkpoint_every == 0 or done == num_steps:
       ckpts.save(done, state, force=True)
   bar.close()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
+from tqdm.auto import tqdm
 
 from concept_diffusion import data as data_lib
 from concept_diffusion import generate, visualize
@@ -17,10 +17,15 @@ from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.data.sampling import batch_indices
 from concept_diffusion.train import diffusion_stage, first_stage
 from concept_diffusion.train.loop import run_loop
-from concept_diffusion.train.workdir import check_or_write_config, validate_config
+from concept_diffusion.train.workdir import check_or_write_config, computation_config, validate_config
 from concept_diffusion.train.writer import MetricWriter, read_metrics
 
 AE_DIR, DIFFUSION_DIR = "autoencoder", "diffusion"
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(message)
 
 
 def load_dataset(config) -> data_lib.GroundTruthDataset:
@@ -46,6 +51,11 @@ def _abstract(fn, *args):
   return jax.eval_shape(fn, *args)
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_first_stage_step(frozen_config):
+  return jax.jit(functools.partial(first_stage.first_stage_train_step, config=frozen_config), donate_argnums=0)
+
+
 def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng: jax.Array) -> Any:
   """Trains (or resumes, or skips) the first stage; returns its parameters (None in pixel space)."""
   fs = config.first_stage
@@ -64,10 +74,10 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
   ckpts = StageCheckpoints(os.path.join(workdir, AE_DIR), keep=config.train.keep_checkpoints)
   latest = ckpts.latest_step() or 0
   if latest >= fs.num_steps and latest > 0:
-    logging.info("First stage finished at step %d; skipping.", latest)
+    _say(f"first_stage: finished at step {latest}; skipping.")
     return ckpts.restore(_abstract(create, rng)).ae_params
   state = ckpts.restore(_abstract(create, rng)) if latest else create(rng)
-  step_fn = jax.jit(functools.partial(first_stage.first_stage_train_step, config=config), donate_argnums=0)
+  step_fn = _jitted_first_stage_step(computation_config(config))
   state = run_loop(stage="first_stage", state=state, start_step=latest, num_steps=fs.num_steps, step_fn=step_fn,
                    batch_fn=make_batch_fn(dataset, fs.batch_size, config.seed), rng=jax.random.fold_in(rng, 1),
                    ckpts=ckpts, writer=writer, log_every=fs.log_every, checkpoint_every=fs.checkpoint_every,
@@ -77,7 +87,8 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
 
 
 def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: MetricWriter,
-                     rng: jax.Array) -> diffusion_stage.DiffusionState:
+                     rng: jax.Array) -> tuple[diffusion_stage.DiffusionState, bool]:
+  """The trained (or resumed, or restored) state, and whether any step ran in this call."""
   tc = config.train
   ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints)
   create = functools.partial(diffusion_stage.create_diffusion_state, config)
@@ -87,19 +98,20 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
     state = ckpts.restore(_abstract(create, rng))
   else:
     state = create(rng)
-    state = state.replace(scale_factor=diffusion_stage.compute_scale_factor(config, ae_params, batch_fn(0)))
-    logging.info("scale_factor = %.5f", float(state.scale_factor))
+    state = state.replace(scale_factor=diffusion_stage.compute_scale_factor(computation_config(config), ae_params,
+                                                                            batch_fn(0)))
+    _say(f"diffusion: scale_factor = {float(state.scale_factor):.5f} (1/std of the first batch's latents)")
   if latest >= tc.num_steps:
-    logging.info("Diffusion stage finished at step %d; skipping.", latest)
+    _say(f"diffusion: finished at step {latest}; skipping.")
     ckpts.close()
-    return state
+    return state, False
   train_step = diffusion_stage.make_train_step(config)
   step_fn = lambda s, images, key: train_step(s, images, ae_params, key)
   state = run_loop(stage="diffusion", state=state, start_step=latest, num_steps=tc.num_steps, step_fn=step_fn,
                    batch_fn=batch_fn, rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer,
                    log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size)
   ckpts.close()
-  return state
+  return state, True
 
 
 def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rng: jax.Array) -> list[str]:
@@ -109,13 +121,13 @@ def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rn
   visualize.plot_curves(read_metrics(workdir), paths[0])
   if state is None:
     return paths
-  frozen = ml_collections.FrozenConfigDict(config)
+  frozen = computation_config(config)
   n = config.sample.num_images
   indices = np.random.default_rng(config.seed).choice(dataset.num_images, size=n, replace=False)
   images = jnp.asarray(dataset.images(np.sort(indices)))
   rows, labels = [images], ["input"]
   if config.first_stage.kind != "none":
-    rows.append(generate.first_stage_reconstruct(config, ae_params, images))
+    rows.append(generate.first_stage_reconstruct(frozen, ae_params, images))
     labels.append("autoencoder")
   rows.append(generate.reconstruct(frozen, state, ae_params, images, rng, steps=config.sample.ddim_steps,
                                    eta=config.sample.eta))
@@ -135,11 +147,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.Di
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.PRNGKey(config.seed)
   ae_params = _first_stage_params(config, workdir, dataset, writer, jax.random.fold_in(rng, 10))
-  state = None
+  state, trained = None, True
   if "diffusion" in config.stages:
-    state = _diffusion_stage(config, workdir, dataset, ae_params, writer, jax.random.fold_in(rng, 20))
-  if is_main:
+    state, trained = _diffusion_stage(config, workdir, dataset, ae_params, writer, jax.random.fold_in(rng, 20))
+  figures_exist = os.path.exists(os.path.join(workdir, "figures", "reconstructions.png"))
+  if is_main and (trained or not figures_exist):
     for path in write_final_figures(config, workdir, dataset, state, ae_params, jax.random.fold_in(rng, 30)):
-      logging.info("Wrote %s", path)
+      _say(f"wrote {path}")
   writer.close()
   return state

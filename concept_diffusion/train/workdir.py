@@ -67,6 +67,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f"{mult * config.unet.model_channels} channels.")
 
 
+def computation_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """A hashable config with the resumable fields reset to their defaults.
+
+  Jitted functions take it as a static argument, so extending a run (more steps, other log cadence)
+  in the same process reuses their compiled code instead of compiling again.
+  """
+  base = _flatten(config_to_dict(defaults.get_base_config()))
+  frozen = ml_collections.ConfigDict(config_to_dict(config))
+  for key in base:
+    if _is_resumable(key) and not key.startswith("sample."):
+      section, _, field = key.rpartition(".")
+      target = frozen[section] if section else frozen
+      target[field] = tuple(base[key]) if isinstance(base[key], list) else base[key]
+  return ml_collections.FrozenConfigDict(frozen)
+
+
 def _is_resumable(key: str) -> bool:
   return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUMABLE_FIELDS)
 

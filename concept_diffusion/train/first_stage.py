@@ -1,0 +1,224 @@
+"""First-stage (autoencoder) training: taming's VQLPIPSWithDiscriminator / LDM's LPIPSWithDiscriminator as pure
+functions, plus the encode/decode helpers the diffusion stage calls on the frozen autoencoder.
+
+One `first_stage_train_step` does what Lightning does per batch with taming's two optimizers: an autoencoder
+(generator) update, then a discriminator update, each with its own Adam(lr, b1=0.5, b2=0.9).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from concept_diffusion.models import autoencoder
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class FirstStageState:
+  """Everything that changes during first-stage training; checkpointed as one pytree."""
+  step: Array
+  ae_params: PyTree
+  disc_params: PyTree
+  disc_batch_stats: PyTree
+  ae_opt_state: optax.OptState
+  disc_opt_state: optax.OptState
+
+
+def _check_perceptual(fs: ml_collections.ConfigDict) -> None:
+  if fs.lpips_weights:
+    raise NotImplementedError(
+        f"config.first_stage.lpips_weights={fs.lpips_weights!r}: the LPIPS perceptual loss (VGG16 features + "
+        "learned linear heads) is not implemented in concept_diffusion yet. Set "
+        "--config.first_stage.lpips_weights='' to train with L1 + codebook/KL + GAN losses only (perceptual "
+        "loss off), which is a deviation from the official VQLPIPSWithDiscriminator.")
+
+
+def _check_kind(config: ml_collections.ConfigDict) -> str:
+  kind = config.first_stage.kind
+  if kind == "none":
+    raise ValueError("config.first_stage.kind='none' has no autoencoder to train: skip the first stage and run the "
+                     "diffusion stage in pixel space.")
+  if kind not in autoencoder.FIRST_STAGE_KINDS:
+    raise ValueError(f"config.first_stage.kind must be one of {autoencoder.FIRST_STAGE_KINDS}, got {kind!r}.")
+  return kind
+
+
+def make_first_stage_optimizers(
+    config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """(autoencoder, discriminator) optimizers: taming's two Adam(lr, betas=(b1, b2)), same lr."""
+  fs = config.first_stage
+  make = lambda: optax.adam(fs.lr, b1=fs.b1, b2=fs.b2)
+  return make(), make()
+
+
+def create_first_stage_state(config: ml_collections.ConfigDict, rng: Array) -> FirstStageState:
+  """Initialises autoencoder, discriminator and both optimizers for `config.data` images."""
+  _check_kind(config)
+  fs = config.first_stage
+  _check_perceptual(fs)
+  if fs.perceptual_weight > 0:
+    logging.warning("first stage: perceptual (LPIPS) loss is OFF (config.first_stage.lpips_weights is empty); "
+                    "training with L1 + %s + GAN only.", "codebook" if fs.kind == "vq" else "KL")
+  channels = config.data.channels
+  model = autoencoder.build_first_stage(fs, channels)
+  disc = autoencoder.build_discriminator(fs)
+  x = jnp.zeros((1, config.data.image_size, config.data.image_size, channels), jnp.float32)
+  ae_rng, disc_rng = jax.random.split(rng)
+  # jit: eager Flax init dispatches hundreds of small ops one by one, which is far slower than one compile.
+  ae_params = jax.jit(model.init)(ae_rng, x)["params"]
+  disc_vars = jax.jit(functools.partial(disc.init, train=False))(disc_rng, x)
+  ae_tx, disc_tx = make_first_stage_optimizers(config)
+  return FirstStageState(
+      step=jnp.zeros((), jnp.int32),
+      ae_params=ae_params,
+      disc_params=disc_vars["params"],
+      disc_batch_stats=disc_vars["batch_stats"],
+      ae_opt_state=ae_tx.init(ae_params),
+      disc_opt_state=disc_tx.init(disc_vars["params"]),
+  )
+
+
+def hinge_d_loss(logits_real: Array, logits_fake: Array) -> Array:
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def first_stage_train_step(state: FirstStageState, images: Array, rng: Array,
+                           config: ml_collections.ConfigDict) -> tuple[FirstStageState, dict[str, Array]]:
+  """One autoencoder update and one discriminator update on the same batch.
+
+  Args:
+    state: current state; donated by the caller's jit.
+    images: (B, H, W, C) in [-1, 1].
+    rng: this step's key (dropout and, for kind 'kl', the posterior sample).
+    config: the full config (static: bind it with functools.partial before jit).
+
+  Returns:
+    The new state and scalar metrics.
+
+  Generator loss (taming): nll + d_weight * disc_factor * g_loss + reg_weight * reg, where
+  d_weight = disc_weight * clip(|grad nll| / (|grad g_loss| + 1e-4), 0, 1e4), both gradients taken w.r.t. the
+  decoder's conv_out kernel and the result treated as a constant. Both of those gradients, and the full gradient,
+  are vector-Jacobian products of one forward pass cut at the reconstruction: the losses are cheap functions of
+  xrec, and under jit XLA prunes the parts of the two kernel-only backward passes that the kernel does not need.
+
+  Loss scaling follows the official loss classes: for 'vq' the nll is the mean over pixels (taming); for 'kl' it
+  is summed per image and averaged over the batch, as LDM's LPIPSWithDiscriminator (with its logvar fixed at 0,
+  since LDM's optimiser never updates it), so that kl_weight=1e-6 means what it means there.
+
+  The discriminator update reuses this step's reconstruction (computed before the autoencoder update); Lightning
+  recomputes it after the update. BatchNorm runs in train mode in all three discriminator passes (fake for the
+  generator, then real and fake separately for the discriminator), chaining the running statistics in that
+  order as PyTorch does.
+  """
+  fs = config.first_stage
+  kind = _check_kind(config)
+  _check_perceptual(fs)
+  model = autoencoder.build_first_stage(fs, config.data.channels)
+  disc = autoencoder.build_discriminator(fs)
+  ae_tx, disc_tx = make_first_stage_optimizers(config)
+  dropout_rng, sample_rng = jax.random.split(rng)
+  images = images.astype(jnp.float32)
+  batch = images.shape[0]
+
+  def ae_forward(params):
+    if kind == "vq":
+      xrec, reg, info = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    else:
+      xrec, kl, info = model.apply({"params": params}, images, rng=sample_rng, train=True,
+                                   rngs={"dropout": dropout_rng})
+      reg = jnp.sum(kl) / batch
+    return (xrec, reg), info
+
+  (xrec, reg_loss), ae_vjp, ae_info = jax.vjp(ae_forward, state.ae_params, has_aux=True)
+
+  def nll_fn(xrec):
+    rec = fs.pixel_weight * jnp.abs(images - xrec)
+    return jnp.mean(rec) if kind == "vq" else jnp.sum(rec) / batch
+
+  def g_fn(xrec):
+    logits, new_vars = disc.apply({"params": state.disc_params, "batch_stats": state.disc_batch_stats}, xrec,
+                                  train=True, mutable=["batch_stats"])
+    return -jnp.mean(logits), new_vars["batch_stats"]
+
+  nll, dnll_dx = jax.value_and_grad(nll_fn)(xrec)
+  (g_loss, batch_stats), dg_dx = jax.value_and_grad(g_fn, has_aux=True)(xrec)
+
+  no_reg = jnp.zeros_like(reg_loss)
+  last_layer = lambda grads: grads["decoder"]["conv_out"]["kernel"]
+  nll_grad = last_layer(ae_vjp((dnll_dx, no_reg))[0])
+  g_grad = last_layer(ae_vjp((dg_dx, no_reg))[0])
+  d_weight = jnp.linalg.norm(nll_grad) / (jnp.linalg.norm(g_grad) + 1e-4)
+  d_weight = jax.lax.stop_gradient(jnp.clip(d_weight, 0.0, 1e4) * fs.disc_weight)
+  # taming's adopt_weight: the GAN terms (generator and discriminator) are off before disc_start.
+  disc_factor = jnp.where(state.step >= fs.disc_start, fs.disc_factor, 0.0).astype(jnp.float32)
+  g_scale = d_weight * disc_factor
+  reg_weight = fs.codebook_weight if kind == "vq" else fs.kl_weight
+
+  ae_grads = ae_vjp((dnll_dx + g_scale * dg_dx, jnp.full_like(reg_loss, reg_weight)))[0]
+  ae_updates, ae_opt_state = ae_tx.update(ae_grads, state.ae_opt_state, state.ae_params)
+  ae_params = optax.apply_updates(state.ae_params, ae_updates)
+  total_loss = nll + g_scale * g_loss + reg_weight * reg_loss
+
+  fake = jax.lax.stop_gradient(xrec)
+
+  def d_loss_fn(disc_params):
+    logits_real, v = disc.apply({"params": disc_params, "batch_stats": batch_stats}, images, train=True,
+                                mutable=["batch_stats"])
+    logits_fake, v = disc.apply({"params": disc_params, "batch_stats": v["batch_stats"]}, fake, train=True,
+                                mutable=["batch_stats"])
+    d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
+    return d_loss, (v["batch_stats"], jnp.mean(logits_real), jnp.mean(logits_fake))
+
+  (d_loss, (disc_batch_stats, logits_real, logits_fake)), d_grads = jax.value_and_grad(
+      d_loss_fn, has_aux=True)(state.disc_params)
+  d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+  disc_params = optax.apply_updates(state.disc_params, d_updates)
+
+  metrics = {
+      "total_loss": total_loss,
+      "nll_loss": nll,
+      "l1": jnp.mean(jnp.abs(images - xrec)),
+      "g_loss": g_loss,
+      "d_weight": d_weight,
+      "disc_factor": disc_factor,
+      "disc_loss": d_loss,
+      "logits_real": logits_real,
+      "logits_fake": logits_fake,
+  }
+  if kind == "vq":
+    metrics.update(codebook_loss=reg_loss, perplexity=ae_info["perplexity"], codebook_usage=ae_info["usage"])
+  else:
+    metrics.update(kl_loss=reg_loss, posterior_logvar=jnp.mean(ae_info["logvar"]))
+  new_state = state.replace(step=state.step + 1, ae_params=ae_params, disc_params=disc_params,
+                            disc_batch_stats=disc_batch_stats, ae_opt_state=ae_opt_state,
+                            disc_opt_state=disc_opt_state)
+  return new_state, metrics
+
+
+def first_stage_encode(config: ml_collections.ConfigDict, ae_params: PyTree, images: Array,
+                       rng: Optional[Array] = None) -> Array:
+  """Images -> diffusion latents: pre-quantisation latent ('vq'), posterior mean or sample with `rng` ('kl'),
+  the images themselves ('none'). `ae_params` is the 'params' collection (FirstStageState.ae_params)."""
+  model = autoencoder.build_first_stage(config.first_stage, config.data.channels)
+  if model is None:
+    return images
+  if isinstance(model, autoencoder.AutoencoderKL):
+    return model.apply({"params": ae_params}, images, rng, method=model.encode)
+  return model.apply({"params": ae_params}, images, method=model.encode)
+
+
+def first_stage_decode(config: ml_collections.ConfigDict, ae_params: PyTree, latents: Array) -> Array:
+  """Diffusion latents -> images (for 'vq' the latents are quantised first); identity for 'none'."""
+  model = autoencoder.build_first_stage(config.first_stage, config.data.channels)
+  if model is None:
+    return latents
+  return model.apply({"params": ae_params}, latents, method=model.decode)

@@ -1,0 +1,116 @@
+"""End to end on the smoke config: both stages, the workdir contract, resume/skip and the user's errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.train import run as run_lib
+from concept_diffusion.train.workdir import check_or_write_config, load_config, validate_config
+from configs import smoke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("smoke_run"))
+  config = smoke.get_config()
+  state = run_lib.train(config, workdir)
+  return config, workdir, state
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_writes_the_workdir_contract(trained):
+  config, workdir, state = trained
+  assert int(state.step) == config.train.num_steps
+  assert StageCheckpoints(os.path.join(workdir, "autoencoder")).latest_step() == config.first_stage.num_steps
+  assert StageCheckpoints(os.path.join(workdir, "diffusion")).latest_step() == config.train.num_steps
+  assert load_config(workdir).to_dict() == config.to_dict()
+  records = _records(workdir)
+  stages = {r["stage"] for r in records}
+  assert stages == {"first_stage", "diffusion"}
+  diffusion = [r for r in records if r["stage"] == "diffusion"]
+  assert [r["step"] for r in diffusion] == list(range(config.train.log_every, config.train.num_steps + 1,
+                                                      config.train.log_every))
+  for key in ("loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "images_per_s"):
+    assert np.isfinite(diffusion[-1][key])
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  for name in ("loss_curves.png", "reconstructions.png"):
+    image = np.asarray(Image.open(os.path.join(workdir, "figures", name)).convert("L"), np.float32)
+    assert image.std() > 5.0, f"{name} is blank"
+
+
+def test_state_holds_scale_factor_ema_and_batch_stats(trained):
+  config, _, state = trained
+  assert 0.0 < float(state.scale_factor) < 1e3 and float(state.scale_factor) != 1.0
+  # The EMA lags the raw UNet after a few steps; the encoder has no EMA copy.
+  diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                 state.ema_unet, state.params["unet"])
+  assert max(jax.tree_util.tree_leaves(diffs)) > 0
+  assert jax.tree_util.tree_structure(state.ema_unet) == jax.tree_util.tree_structure(state.params["unet"])
+  assert "batch_stats" not in state.params["encoder"] and state.batch_stats
+
+
+def test_rerun_skips_finished_stages_and_extends_an_unfinished_one(trained):
+  config, workdir, state = trained
+  before = len(_records(workdir))
+  again = run_lib.train(config, workdir)
+  assert len(_records(workdir)) == before  # nothing retrained
+  np.testing.assert_array_equal(np.asarray(again.scale_factor), np.asarray(state.scale_factor))
+  longer = smoke.get_config()
+  longer.train.num_steps = config.train.num_steps + 2  # num_steps may change between invocations
+  extended = run_lib.train(longer, workdir)
+  assert int(extended.step) == config.train.num_steps + 2
+  new = _records(workdir)[before:]
+  assert [r["stage"] for r in new] == ["diffusion"] and new[0]["step"] == config.train.num_steps + 2
+
+
+def test_unknown_config_field_is_named():
+  config = smoke.get_config()
+  config.train.bach_size = 3
+  with pytest.raises(ValueError, match="train.bach_size.*train.batch_size"):
+    validate_config(config)
+
+
+def test_unknown_override_on_the_command_line_is_one_clear_line(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config=configs/smoke.py",
+                         f"--workdir={tmp_path}", "--config.train.bach_size=3"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "error: unknown config field" in proc.stderr and "batch_size" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_wrong_image_shape_is_rejected():
+  config = smoke.get_config()
+  config.data.channels = 1
+  with pytest.raises(ValueError, match="channels"):
+    run_lib.load_dataset(config)
+
+
+def test_workdir_with_a_different_config_is_refused(tmp_path):
+  check_or_write_config(smoke.get_config(), str(tmp_path))
+  other = smoke.get_config()
+  other.train.lr = 1.0
+  with pytest.raises(ValueError, match=r"train\.lr"):
+    check_or_write_config(other, str(tmp_path))
+  resumable = smoke.get_config()
+  resumable.train.num_steps = 99
+  check_or_write_config(resumable, str(tmp_path))  # extending a run is allowed
+
+
+def test_missing_first_stage_checkpoint_is_explained(tmp_path):
+  config = smoke.get_config()
+  config.stages = ("diffusion",)
+  with pytest.raises(FileNotFoundError, match="first-stage checkpoint"):
+    run_lib.train(config, str(tmp_path))
