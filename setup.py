@@ -23,6 +23,7 @@ setup(
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
+        "safetensors>=0.4.3,<1",
         "grain>=0.2.2,<0.3",
         "tensorflow-datasets>=4.9.6,<4.10",
     ],
@@ -30,5 +31,7 @@ setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
         # TensorFlow only to *prepare* TFDS datasets; never needed for training or tests of the default path.
         "tfds": ["tensorflow>=2.16,<2.22"],
+        # Only to read/write official PyTorch Lightning .ckpt files (concept_diffusion.interop).
+        "torch": ["torch>=2.3,<2.14"],
     },
 )

@@ -213,7 +213,8 @@ def _define_flags():
   flags.DEFINE_string("ckpt", None, "Official checkpoint: Lightning .ckpt (needs torch), .safetensors or .npz.")
   flags.DEFINE_string("autoencoder_ckpt", None, "Official autoencoder checkpoint (keys without first_stage_model.).")
   flags.DEFINE_string("workdir", None, "New workdir to write.")
-  flags.DEFINE_bool("trust_pickle", False, "Let torch unpickle non-tensor objects (only for files you trust).")
+  flags.DEFINE_bool("trust_pickle", False, "Really unpickle the ckpt's non-tensor objects (only for trusted files; "
+                    "by default they become inert placeholders, which is enough for the weights).")
   flags.DEFINE_bool("ema_from_params", False, "Start the EMA from the raw UNet weights if the ckpt has no EMA.")
   flags.DEFINE_float("scale_factor", None, "Latent scale factor, for a ckpt without the scale_factor buffer.")
   flags.DEFINE_integer("global_step", None, "Step to record, for a file that does not record one.")

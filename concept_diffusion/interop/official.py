@@ -664,6 +664,61 @@ def _torch_to_numpy(torch, value: Any, key: str) -> np.ndarray:
   return value.numpy()
 
 
+class _Inert:
+  """Stands in for any class or function a checkpoint's pickle names outside its tensors (Lightning keeps e.g.
+  OmegaConf lists in the LR scheduler's state). It accepts whatever unpickling does to it and runs no code of the
+  original, whose package need not even be installed."""
+
+  def __new__(cls, *args, **kwargs):
+    del args, kwargs
+    return object.__new__(cls)
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+  def __setitem__(self, key, value):
+    del key, value
+
+  def append(self, value):
+    del value
+
+  def extend(self, values):
+    del values
+
+
+# What a torch.save'd state dict needs beyond storages (which torch resolves itself): the same few names
+# torch.load(weights_only=True) allows. Everything else unpickles as _Inert.
+_TORCH_PICKLE_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "device"), ("torch", "Size"),
+}
+
+
+class _InertUnpickler(pickle.Unpickler):
+
+  def find_class(self, module, name):
+    if (module, name) in _TORCH_PICKLE_GLOBALS:
+      return super().find_class(module, name)
+    if module == "torch":
+      import torch  # pylint: disable=g-import-not-at-top
+      if isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    return _Inert
+
+
+def _inert_pickle_module():
+  """A pickle-module stand-in for torch.load(pickle_module=...) that reads tensors and neutralises the rest."""
+  import types  # pylint: disable=g-import-not-at-top
+  module = types.ModuleType("concept_diffusion_inert_pickle")
+  module.Unpickler = _InertUnpickler
+  module.load = lambda f, **kwargs: _InertUnpickler(f, **kwargs).load()
+  module.__dict__["UnpicklingError"] = pickle.UnpicklingError
+  return module
+
+
 def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoint:
   """Reads a state dict (Lightning checkpoint, bare torch state dict, .safetensors or .npz) as numpy arrays.
 
@@ -671,8 +726,10 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
     path: the file.
     trust_pickle: let torch unpickle arbitrary objects. Lightning checkpoints are pickles; by default they are
       read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers and so
-      cannot run code hidden in a file. Some Lightning versions store other objects (hyper-parameters, callback
-      states); for a file you trust, this flag reads those too.
+      cannot run code hidden in a file. Official checkpoints also hold other objects (the LR scheduler's OmegaConf
+      settings, callback states); those are then read with every such class replaced by an inert placeholder, which
+      is as safe and needs none of their packages. `trust_pickle` unpickles them for real instead (their packages
+      must be installed); it is never needed for the state dict itself.
 
   Returns:
     The state dict and, when the file records them, global_step and epoch.
@@ -702,13 +759,16 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
 
   torch = import_torch(f"Reading {path!r} (a PyTorch pickle)")
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-  except pickle.UnpicklingError as e:
-    raise ValueError(
-        f"{path!r} holds objects other than tensors, which torch.load(weights_only=True) refuses to unpickle. "
-        f"If you trust the file, pass --trust_pickle (unpickling can run code). Details: {e}") from e
-  except Exception as e:  # truncated or foreign files
-    raise ValueError(f"Could not read {path!r} with torch.load: {e}") from e
+    if trust_pickle:
+      obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+      try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+      except pickle.UnpicklingError:
+        logging.info("%s holds objects other than tensors; reading it with those replaced by placeholders.", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle_module())
+  except Exception as e:  # truncated or foreign files, or (trust_pickle) a class whose package is missing
+    raise ValueError(f"Could not read {path!r} with torch.load: {type(e).__name__}: {e}") from e
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a Lightning checkpoint or a state dict.")
   if "state_dict" in obj:
