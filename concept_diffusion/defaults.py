@@ -98,6 +98,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 2_000
   train.keep_checkpoints = 3
 
+  ev = config.eval = ml_collections.ConfigDict()
+  ev.every = 3_750  # diffusion steps between evaluations; official: every epoch (Shapes3D 480k/128); 0 = off
+  ev.final = True  # evaluate the finished run with eval.metrics (written to W/eval/metrics_<step>.json)
+  ev.metrics = ("beta_vae", "dci", "mig", "factor_vae")  # what EncDiff's main_val.py computes
+  ev.train_metrics = ("factor_vae", "mig")  # the fast subset used during training (DCI's trees take minutes)
+  ev.batch_size = 256  # images per encoder call when encoding the whole dataset
+  ev.seed = 0  # disentanglement_lib's evaluation.random_seed
+
   sample = config.sample = ml_collections.ConfigDict()
   sample.ddim_steps = 200  # log_images / recon_metrics
   sample.eta = 1.0

@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 2
   train.checkpoint_every = 2
 
+  config.eval.every = 0
+  config.eval.final = False  # encoding all 480,000 images takes minutes; tests evaluate a tiny dataset instead
   config.sample.ddim_steps = 5
   config.sample.num_images = 4
   return config

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.evaluation.evaluate import evaluate_run
 from concept_diffusion.train import run as run_lib
 from concept_diffusion.train.workdir import check_or_write_config, load_config, validate_config
 from configs import smoke
@@ -17,10 +18,19 @@ from configs import smoke
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _config():
+  """Smoke sizes on the 60-image tiny_blocks dataset (tests/conftest.py), evaluated during and after training."""
+  config = smoke.get_config()
+  config.data.name = "tiny_blocks"
+  config.eval.every = 2
+  config.eval.final = True
+  return config
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke_run"))
-  config = smoke.get_config()
+  config = _config()
   state = run_lib.train(config, workdir)
   return config, workdir, state
 
@@ -38,7 +48,7 @@ def test_train_writes_the_workdir_contract(trained):
   assert load_config(workdir).to_dict() == config.to_dict()
   records = _records(workdir)
   stages = {r["stage"] for r in records}
-  assert stages == {"first_stage", "diffusion"}
+  assert stages == {"first_stage", "diffusion", "eval"}
   diffusion = [r for r in records if r["stage"] == "diffusion"]
   assert [r["step"] for r in diffusion] == list(range(config.train.log_every, config.train.num_steps + 1,
                                                       config.train.log_every))
@@ -48,6 +58,37 @@ def test_train_writes_the_workdir_contract(trained):
   for name in ("loss_curves.png", "reconstructions.png"):
     image = np.asarray(Image.open(os.path.join(workdir, "figures", name)).convert("L"), np.float32)
     assert image.std() > 5.0, f"{name} is blank"
+
+
+def test_training_evaluates_with_the_fast_subset_then_the_full_set(trained):
+  config, workdir, state = trained
+  eval_dir = os.path.join(workdir, "eval")
+  with open(os.path.join(eval_dir, "metrics_2.json")) as f:
+    during = json.load(f)
+  with open(os.path.join(eval_dir, f"metrics_{config.train.num_steps}.json")) as f:
+    final = json.load(f)
+  assert {k.split(".")[0] for k in during if "." in k} == set(config.eval.train_metrics)
+  assert {k.split(".")[0] for k in final if "." in k} == set(config.eval.metrics)
+  assert final["dataset"] == "tiny_blocks" and final["step"] == config.train.num_steps
+  assert np.asarray(final["dci.importance_matrix"]).shape == (config.encoder.num_tokens, 3)
+  for key in ("factor_vae.eval_accuracy", "dci.disentanglement", "mig.discrete_mig", "beta_vae.eval_accuracy"):
+    assert 0.0 <= final[key] <= 1.0
+  codes = np.load(os.path.join(eval_dir, f"codes_{config.train.num_steps}.npy"))
+  assert codes.shape == (60, config.encoder.num_tokens)
+  eval_records = [r for r in _records(workdir) if r["stage"] == "eval"]
+  assert [r["step"] for r in eval_records] == [2, config.train.num_steps]
+
+
+def test_evaluate_an_earlier_checkpoint(trained):
+  config, workdir, _ = trained
+  state = run_lib.restore_diffusion_state(config, workdir, step=2)
+  assert int(state.step) == 2
+  dataset = run_lib.load_dataset(config)
+  scores, _ = evaluate_run(config, state, dataset, workdir, 2, metrics=("mig",), progress=False)
+  with open(os.path.join(workdir, "eval", "metrics_2.json")) as f:
+    assert json.load(f)["mig.discrete_mig"] == scores["mig.discrete_mig"]
+  with pytest.raises(FileNotFoundError, match="available steps"):
+    run_lib.restore_diffusion_state(config, workdir, step=3)
 
 
 def test_state_holds_scale_factor_ema_and_batch_stats(trained):
@@ -67,12 +108,12 @@ def test_rerun_skips_finished_stages_and_extends_an_unfinished_one(trained):
   again = run_lib.train(config, workdir)
   assert len(_records(workdir)) == before  # nothing retrained
   np.testing.assert_array_equal(np.asarray(again.scale_factor), np.asarray(state.scale_factor))
-  longer = smoke.get_config()
+  longer = _config()
   longer.train.num_steps = config.train.num_steps + 2  # num_steps may change between invocations
   extended = run_lib.train(longer, workdir)
   assert int(extended.step) == config.train.num_steps + 2
   new = _records(workdir)[before:]
-  assert [r["stage"] for r in new] == ["diffusion"] and new[0]["step"] == config.train.num_steps + 2
+  assert [r["stage"] for r in new] == ["diffusion", "eval"] and new[0]["step"] == config.train.num_steps + 2
 
 
 def test_unknown_config_field_is_named():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -16,12 +16,13 @@ StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
 
 def run_loop(*, stage: str, state: Any, start_step: int, num_steps: int, step_fn: StepFn,
              batch_fn: Callable[[int], jax.Array], rng: jax.Array, ckpts: StageCheckpoints, writer: MetricWriter,
-             log_every: int, checkpoint_every: int, batch_size: int) -> Any:
+             log_every: int, checkpoint_every: int, batch_size: int,
+             hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = ()) -> Any:
   """Runs steps [start_step, num_steps); returns the final state (checkpointed).
 
   Metrics stay on device between log points (no per-step host sync); at a log point they are fetched,
   checked for NaN/Inf (which stops the run before it is checkpointed, so the last good checkpoint
-  survives), and written.
+  survives), and written. Each hook `(every, fn)` runs as fn(step, state) after every `every` steps.
   """
   bar = tqdm(total=num_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, mininterval=1.0,
              smoothing=0.1)
@@ -51,6 +52,9 @@ def run_loop(*, stage: str, state: Any, start_step: int, num_steps: int, step_fn
       bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
     if done % checkpoint_every == 0 or done == num_steps:
       ckpts.save(done, state, force=True)
+    for every, hook in hooks:
+      if every > 0 and done % every == 0:
+        hook(done, state)
   bar.close()
   ckpts.wait()
   writer.flush()

@@ -15,6 +15,7 @@ from concept_diffusion import data as data_lib
 from concept_diffusion import generate, visualize
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.data.sampling import batch_indices
+from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import diffusion_stage, first_stage
 from concept_diffusion.train.loop import run_loop
 from concept_diffusion.train.workdir import check_or_write_config, computation_config, validate_config
@@ -38,8 +39,7 @@ def load_dataset(config) -> data_lib.GroundTruthDataset:
 
 
 def make_batch_fn(dataset, batch_size: int, seed: int):
-  render = getattr(dataset, "images_jax", None)
-  render = jax.jit(render) if render is not None else None
+  render = jax.jit(dataset.images_jax) if dataset.renders_on_device else None
 
   def batch_fn(step: int) -> jax.Array:
     indices = batch_indices(step, batch_size, dataset.num_images, seed)
@@ -107,11 +107,33 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
     return state, False
   train_step = diffusion_stage.make_train_step(config)
   step_fn = lambda s, images, key: train_step(s, images, ae_params, key)
+
+  def evaluate_during_training(step: int, s: diffusion_stage.DiffusionState) -> None:
+    if step < tc.num_steps and jax.process_index() == 0:  # the final evaluation uses the full metric set
+      scores, _ = evaluate_run(config, s, dataset, workdir, step, metrics=config.eval.train_metrics, progress=False)
+      writer.scalars(step, scores, "eval")
+
   state = run_loop(stage="diffusion", state=state, start_step=latest, num_steps=tc.num_steps, step_fn=step_fn,
                    batch_fn=batch_fn, rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer,
-                   log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size)
+                   log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size,
+                   hooks=[(config.eval.every, evaluate_during_training)])
   ckpts.close()
   return state, True
+
+
+def restore_diffusion_state(config, workdir: str, step: int | None = None) -> diffusion_stage.DiffusionState:
+  """The diffusion-stage state of a run (latest step by default), with a clear error when there is none."""
+  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=config.train.keep_checkpoints)
+  steps = ckpts.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"No diffusion checkpoint in {os.path.join(workdir, DIFFUSION_DIR)}: train the run "
+                            "first (experiments/train.py) or pass the right --workdir.")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"No diffusion checkpoint at step {step} in {workdir}; available steps: {steps}.")
+  create = functools.partial(diffusion_stage.create_diffusion_state, config)
+  state = ckpts.restore(_abstract(create, jax.random.PRNGKey(0)), step)
+  ckpts.close()
+  return state
 
 
 def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rng: jax.Array) -> list[str]:
@@ -150,6 +172,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.Di
   state, trained = None, True
   if "diffusion" in config.stages:
     state, trained = _diffusion_stage(config, workdir, dataset, ae_params, writer, jax.random.fold_in(rng, 20))
+  if state is not None and config.eval.final and is_main:
+    final_path = os.path.join(workdir, "eval", f"metrics_{int(state.step)}.json")
+    if trained or not os.path.exists(final_path):
+      scores, _ = evaluate_run(config, state, dataset, workdir, int(state.step))
+      writer.scalars(int(state.step), scores, "eval")
+      _say(f"evaluation at step {int(state.step)}:\n{format_table(scores)}")
   figures_exist = os.path.exists(os.path.join(workdir, "figures", "reconstructions.png"))
   if is_main and (trained or not figures_exist):
     for path in write_final_figures(config, workdir, dataset, state, ae_params, jax.random.fold_in(rng, 30)):

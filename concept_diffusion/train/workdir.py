@@ -16,7 +16,7 @@ from concept_diffusion.diffusion import SCHEDULES
 RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "first_stage.num_steps", "first_stage.log_every", "first_stage.checkpoint_every",
-    "sample.", "stages", "name",
+    "sample.", "eval.", "stages", "name",
 )
 
 
@@ -76,7 +76,7 @@ def computation_config(config: ml_collections.ConfigDict) -> ml_collections.Froz
   base = _flatten(config_to_dict(defaults.get_base_config()))
   frozen = ml_collections.ConfigDict(config_to_dict(config))
   for key in base:
-    if _is_resumable(key) and not key.startswith("sample."):
+    if _is_resumable(key) and not key.startswith(("sample.", "eval.")):
       section, _, field = key.rpartition(".")
       target = frozen[section] if section else frozen
       target[field] = tuple(base[key]) if isinstance(base[key], list) else base[key]

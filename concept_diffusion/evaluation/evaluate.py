@@ -1,0 +1,53 @@
+"""Evaluate a run: encode its dataset with the trained encoder, compute the metrics, write W/eval/."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from concept_diffusion import generate
+from concept_diffusion.data.base import GroundTruthDataset
+from concept_diffusion.evaluation.encode import encode_dataset
+from concept_diffusion.evaluation.metrics import evaluate_codes
+from concept_diffusion.train.workdir import computation_config
+
+
+def _scalars(frozen_config, state, images):
+  return generate.encode(frozen_config, state, images)[0]
+
+
+def encode_run(config, state, dataset: GroundTruthDataset, *, out_path: str | None = None,
+               progress: bool = True) -> np.ndarray:
+  """The (num_images, num_tokens) scalar table: running BatchNorm statistics, raw (non-EMA) encoder."""
+  frozen = computation_config(config)
+  encoder_state = state.replace(opt_state=None, ema_unet=None)  # only what the encoder reads crosses into jit
+  return encode_dataset(lambda s, images: _scalars(frozen, s, images), encoder_state, dataset,
+                        config.eval.batch_size, out_path=out_path, progress=progress)
+
+
+def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step: int, *,
+                 metrics: Sequence[str] | None = None, metric_kwargs: dict | None = None,
+                 progress: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+  """Writes W/eval/codes_<step>.npy and W/eval/metrics_<step>.json; returns (scores, extras)."""
+  eval_dir = os.path.join(workdir, "eval")
+  os.makedirs(eval_dir, exist_ok=True)
+  codes = encode_run(config, state, dataset, out_path=os.path.join(eval_dir, f"codes_{step}.npy"), progress=progress)
+  scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes,
+                                  metrics=tuple(metrics or config.eval.metrics), seed=config.eval.seed,
+                                  metric_kwargs=metric_kwargs, return_extras=True)
+  record = {"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names), **scores,
+            "runtime_s": extras["runtime_s"]}
+  if "dci.importance_matrix" in extras:
+    record["dci.importance_matrix"] = np.asarray(extras["dci.importance_matrix"]).tolist()
+  path = os.path.join(eval_dir, f"metrics_{step}.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + ".tmp", path)
+  return scores, extras
+
+
+def format_table(scores: dict[str, float]) -> str:
+  width = max(len(k) for k in scores)
+  return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(scores.items()))

@@ -1,0 +1,87 @@
+"""Whole-dataset encoding (order, padding, streaming), evaluate_run's outputs and the evaluate CLI's errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion.data.shapes import ProceduralShapes3D
+from concept_diffusion.evaluation.encode import encode_dataset
+from concept_diffusion.evaluation.metrics import evaluate_codes
+from tests.conftest import TinyBlocks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _index_code(params, images):
+  """Recovers the index of a TinyBlocks image from its pixels (block position and colour)."""
+  del params
+  mask = images[..., 2] > 0  # the block's blue channel is 0.5, the background -1
+  ys, xs = jnp.arange(16)[None, :, None], jnp.arange(16)[None, None, :]
+  area = jnp.sum(mask, axis=(1, 2))
+  x = (jnp.sum(mask * xs, axis=(1, 2)) / area - 3.5) / 4
+  y = (jnp.sum(mask * ys, axis=(1, 2)) / area - 3.5) / 3
+  color = (jnp.max(jnp.where(mask, images[..., 0], -10.0), axis=(1, 2)) + 1) * 2
+  return (jnp.round(x) * 20 + jnp.round(y) * 5 + jnp.round(color))[:, None]
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 60, 64])
+def test_every_index_encoded_once_in_order(batch_size, tmp_path):
+  dataset = TinyBlocks()
+  out = str(tmp_path / "codes.npy")
+  codes = encode_dataset(_index_code, None, dataset, batch_size, out_path=out, progress=False)
+  np.testing.assert_array_equal(codes[:, 0], np.arange(dataset.num_images))
+  np.testing.assert_array_equal(np.load(out), codes)
+
+
+class _First300(ProceduralShapes3D):
+  """The first 300 indices of the procedural dataset, rendered on device."""
+
+  @property
+  def num_images(self):
+    return 300
+
+
+class _First300OnHost(_First300):
+  renders_on_device = False
+
+
+def test_device_rendering_path_equals_host_path_and_compiles_once():
+  traces = []
+
+  def mean_pixel(offset, images):
+    traces.append(images.shape)  # runs at trace time only
+    return images.mean(axis=(1, 2, 3))[:, None] + offset
+
+  on_device = encode_dataset(mean_pixel, 0.0, _First300(16), 128, progress=False)
+  assert len(traces) == 1  # the last partial batch is padded, not recompiled
+  on_host = encode_dataset(mean_pixel, 0.0, _First300OnHost(16), 128, progress=False)
+  assert on_device.shape == (300, 1) and on_device.std() > 0
+  np.testing.assert_allclose(on_device, on_host, atol=1e-5)
+
+
+def test_a_repeated_dataset_cannot_be_evaluated():
+  """The official Cars3D evaluation encodes a 10x-repeated dataset; the row count check refuses it."""
+  factor_sizes = (4, 24, 183)
+  codes = np.random.default_rng(0).normal(size=(np.prod(factor_sizes) * 10, 5))
+  with pytest.raises(ValueError, match="17568|rows"):
+    evaluate_codes(codes, factor_sizes, metrics=("mig",))
+
+
+def test_evaluate_cli_without_a_checkpoint_is_one_clear_line(tmp_path):
+  from concept_diffusion.train.workdir import check_or_write_config
+  from configs import smoke
+  check_or_write_config(smoke.get_config(), str(tmp_path))
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "No diffusion checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_cli_on_a_directory_that_is_not_a_workdir(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "config.json" in proc.stderr
