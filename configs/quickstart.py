@@ -15,27 +15,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32
 
   fs = config.first_stage
-  fs.ch = 32
-  fs.ch_mult = (1, 2)  # f=2: 32x32x3 -> 16x16x3 latents (the official f=4 would leave a 3-pixel object at 8x8)
+  fs.ch = 16
+  fs.ch_mult = (1, 2, 4)  # f=4 as the official model: 32x32x3 -> 8x8x3 latents (the same 16x compression)
   fs.num_res_blocks = 1
   fs.n_embed = 512
   fs.norm_groups = 8
-  fs.disc_ndf = 32
+  fs.disc_ndf = 16
   fs.disc_layers = 2
-  fs.disc_start = 400  # let the autoencoder fit before the GAN term switches on
-  fs.batch_size = 32
-  fs.num_steps = 800
-  fs.log_every = 50
-  fs.checkpoint_every = 400
+  # The GAN term stays off: in a few hundred steps it only slows the L1 fit down (measured: L1 0.27 at step 500
+  # with it switched on at 250). The official config starts it at step 0 and trains for many epochs.
+  fs.disc_start = 1_000_000
+  fs.batch_size = 16
+  fs.num_steps = 700
+  fs.log_every = 25
+  fs.checkpoint_every = 350
 
   enc = config.encoder
   enc.width = 64
 
   unet = config.unet
   unet.model_channels = 32
-  unet.channel_mult = (1, 2, 2)
+  unet.channel_mult = (1, 2)  # 8x8 and 4x4
   unet.num_res_blocks = 1
-  unet.attention_resolutions = (1, 2, 4)
+  unet.attention_resolutions = (1, 2)
   unet.num_heads = 4
   unet.norm_groups = 8
 
@@ -43,9 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 32
   train.lr = 2.56e-4
   train.warmup_steps = 200
-  train.num_steps = 3000
-  train.log_every = 50
-  train.checkpoint_every = 1000
+  train.num_steps = 1300  # ~2.5-3 steps/s on 2 cores: ~8 minutes
+  train.log_every = 25
+  train.checkpoint_every = 500
 
   # Evaluation encodes all 480,000 images and fits DCI's trees: minutes more than the quickstart budget.
   # Run `python experiments/evaluate.py --workdir=runs/quickstart` afterwards.

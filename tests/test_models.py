@@ -120,3 +120,18 @@ def test_encoder_eval_uses_running_stats_and_train_updates_them():
   before = jax.tree_util.tree_leaves(variables["batch_stats"])
   after = jax.tree_util.tree_leaves(updates["batch_stats"])
   assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(before, after))
+
+
+def test_summary_cli_reports_the_official_counts():
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "concept_diffusion.models.summary",
+                         "--config=configs/procedural_shapes.py", "--json"], cwd=repo, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  counts = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert counts == {"unet": 37_469_635, "encoder": 1_164_052, "token_mlps": 210_240, "first_stage": 3_478_078,
+                    "total": 42_322_005}
