@@ -68,7 +68,7 @@ def test_ddim_timesteps_follow_ldm_uniform():
 def _oracle(sched, x0):
   """The perfect noise predictor for a known x0."""
   def eps_fn(x, t):
-    a = sched.alphas_cumprod[t][:, None, None, None]
+    a = sched.take("alphas_cumprod", t)[:, None, None, None]
     return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
   return eps_fn
 
