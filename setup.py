@@ -19,6 +19,7 @@ setup(
         "absl-py>=2.0,<3",
         "numpy>=1.26,<3",
         "scikit-learn>=1.3,<2",
+        "scipy>=1.10,<2",
         "pillow>=10,<14",
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",

@@ -96,6 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.num_steps = 40_000  # ~10 epochs of 480k at bs 128: where [fork] saw Shapes3D metrics saturate
   train.log_every = 100
   train.checkpoint_every = 2_000
+  train.figure_every = 10_000  # swap grid + reconstructions to W/figures and TensorBoard (official: every 10k)
   train.keep_checkpoints = 3
 
   ev = config.eval = ml_collections.ConfigDict()

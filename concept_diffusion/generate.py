@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from concept_diffusion.diffusion import ddim_sample, make_schedule
+from concept_diffusion.diffusion import ddim_sample, ddim_timesteps, make_schedule
 from concept_diffusion.train import first_stage
 from concept_diffusion.train.diffusion_stage import DiffusionState, build_models, latent_shape
 
@@ -28,13 +28,80 @@ def tokens_from_scalars(config, state: DiffusionState, scalars: jax.Array) -> ja
 def sample_from_tokens(config, state: DiffusionState, ae_params: Any, tokens: jax.Array, rng: jax.Array, *,
                        steps: int, eta: float, use_ema: bool = True) -> jax.Array:
   """Images (B, H, W, C) in about [-1, 1]: DDIM from x_T ~ N(0, I) conditioned on tokens, then decoded."""
+  if not use_ema:
+    state = state.replace(ema_unet=state.params["unet"])
+  return _sample(config, state, ae_params, tokens, rng, steps, eta)
+
+
+def _sample(config, state, ae_params, tokens, rng, steps, eta, attention_side=None):
+  """DDIM + decode; with `attention_side`, also the cross-attention maps at that query grid (B, side, side, N),
+  averaged over heads, over the layers of that resolution and over the sampling steps."""
   _, unet = build_models(config)
-  unet_params = state.ema_unet if use_ema else state.params["unet"]
   noise_key, sample_key = jax.random.split(rng)
   x_T = jax.random.normal(noise_key, (tokens.shape[0],) + latent_shape(config))
-  eps_fn = lambda x, t: unet.apply({"params": unet_params}, x, t, tokens)
-  latents = ddim_sample(eps_fn, make_schedule(config.diffusion), x_T, sample_key, steps, eta)
-  return first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+  schedule = make_schedule(config.diffusion)
+  params = {"params": state.ema_unet}
+  if attention_side is None:
+    latents = ddim_sample(lambda x, t: unet.apply(params, x, t, tokens), schedule, x_T, sample_key, steps, eta)
+    return first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+
+  def eps_and_maps(x, t):
+    eps, inter = unet.apply(params, x, t, tokens, mutable=["intermediates"])
+    maps = [p for p in jax.tree_util.tree_leaves(inter) if p.shape[2] == attention_side ** 2]
+    return eps, jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)  # (B, HW, N)
+
+  aux = jnp.zeros((tokens.shape[0], attention_side ** 2, tokens.shape[1]), jnp.float32)
+  latents, maps = ddim_sample(eps_and_maps, schedule, x_T, sample_key, steps, eta, aux_init=aux)
+  images = first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+  maps = maps / len(ddim_timesteps(schedule.num_timesteps, steps))
+  return images, maps.reshape(tokens.shape[0], attention_side, attention_side, tokens.shape[1])
+
+
+def attention_sides(config) -> tuple[int, ...]:
+  """Query-grid sides that have cross-attention layers, finest first."""
+  side = latent_shape(config)[0]
+  return tuple(side // ds for ds in sorted(config.unet.attention_resolutions)
+               if ds < 2 ** len(config.unet.channel_mult))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "eta", "side"))
+def sample_with_attention(config, state: DiffusionState, ae_params: Any, tokens: jax.Array, rng: jax.Array, *,
+                          steps: int, eta: float, side: int) -> tuple[jax.Array, jax.Array]:
+  """(images, maps (B, side, side, N)); the images equal `sample_from_tokens`' for the same rng."""
+  return _sample(config, state, ae_params, tokens, rng, steps, eta, attention_side=side)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "eta"))
+def swap_grid(config, state: DiffusionState, ae_params: Any, sources: jax.Array, targets: jax.Array,
+              rng: jax.Array, *, steps: int, eta: float) -> jax.Array:
+  """(N + 1, B, H, W, C): row 0 samples each source from its own tokens; row k + 1 takes token k from the target.
+
+  Every row uses the same noise (same rng, vmapped over rows), so a row differs from row 0 only through
+  its swapped token; swapping in the source's own token reproduces row 0 exactly.
+  """
+  src, _ = encode(config, state, sources)
+  tgt, _ = encode(config, state, targets)
+  n = src.shape[1]
+  swapped = jnp.where(jnp.eye(n, dtype=bool)[:, None, :], tgt[None], src[None])  # (N, B, N)
+  scalars = jnp.concatenate([src[None], swapped], axis=0)
+  tokens = jax.vmap(lambda s: tokens_from_scalars(config, state, s))(scalars)
+  return jax.vmap(lambda tok: _sample(config, state, ae_params, tok, rng, steps, eta))(tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "eta"))
+def traversal_grid(config, state: DiffusionState, ae_params: Any, source: jax.Array, values: jax.Array,
+                   rng: jax.Array, *, steps: int, eta: float) -> jax.Array:
+  """(N, V, H, W, C): token k of one source image set to values[k, v], the other scalars fixed.
+
+  Every cell uses the same noise, so cells differ only through the traversed scalar.
+  """
+  src, _ = encode(config, state, source[None])
+  n, v = values.shape
+  scalars = jnp.broadcast_to(src, (n, v, n))
+  scalars = jnp.where(jnp.eye(n, dtype=bool)[:, None, :], values[:, :, None], scalars)  # (N, V, N)
+  tokens = tokens_from_scalars(config, state, scalars.reshape(n * v, n))
+  images = jax.vmap(lambda tok: _sample(config, state, ae_params, tok[None], rng, steps, eta)[0])(tokens)
+  return images.reshape((n, v) + images.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "eta"))
@@ -42,7 +109,7 @@ def reconstruct(config, state: DiffusionState, ae_params: Any, images: jax.Array
                 eta: float) -> jax.Array:
   """DDIM reconstructions of images from their own tokens (EMA UNet), as the official log_images."""
   _, tokens = encode(config, state, images)
-  return sample_from_tokens(config, state, ae_params, tokens, rng, steps=steps, eta=eta)
+  return _sample(config, state, ae_params, tokens, rng, steps, eta)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

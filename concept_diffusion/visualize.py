@@ -64,3 +64,194 @@ def plot_curves(records: Sequence[dict], path: str, keys: Sequence[str] = ("loss
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+  """uint8 image (H, W, C) with a [0, 1] heat map (h, w) upsampled (bilinear) and blended in as 'jet' colours."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  heat = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize((w, h), Image.BILINEAR))
+  colours = matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+  base = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+  return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) of images in [0, 1], mean over channels."""
+  from scipy.ndimage import gaussian_filter  # pylint: disable=g-import-not-at-top
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  blur = lambda x: gaussian_filter(x, sigma=(0, 1.5, 1.5, 0), truncate=3.5)
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  mu_a, mu_b = blur(a), blur(b)
+  var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+  return s.mean(axis=(1, 2, 3))
+
+
+def plot_matrix(matrix: np.ndarray, path: str, row_label: str, col_labels: Sequence[str], title: str) -> None:
+  """A heat-map of e.g. the DCI importance matrix (codes x factors)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(col_labels), 1.2 + 0.3 * matrix.shape[0]))
+  im = ax.imshow(matrix, cmap="viridis", aspect="auto")
+  ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(matrix.shape[0]), [f"{row_label} {i}" for i in range(matrix.shape[0])], fontsize=7)
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_metric_history(history: Sequence[dict], path: str) -> None:
+  """Metric values over training steps (one line per metric) from W/eval/metrics_<step>.json records."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = sorted({k for r in history for k, v in r.items() if "." in k and isinstance(v, (int, float))
+                 and not k.endswith(("num_active_dims", "runtime_s"))})
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for key in keys:
+    pts = sorted((r["step"], r[key]) for r in history if key in r)
+    ax.plot(*zip(*pts), marker="o", label=key)
+  ax.set_xlabel("step")
+  ax.set_ylim(0, 1.05)
+  ax.set_title("disentanglement metrics")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The figures of a run (swap grid, attention maps, traversals, reconstructions, samples, curves, DCI).
+
+def _latest_eval(workdir: str) -> dict | None:
+  history = eval_history(workdir)
+  return history[-1] if history else None
+
+
+def eval_history(workdir: str) -> list[dict]:
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  records = []
+  for path in glob.glob(os.path.join(workdir, "eval", "metrics_*.json")):
+    with open(path, encoding="utf-8") as f:
+      records.append(json.load(f))
+  return sorted(records, key=lambda r: r["step"])
+
+
+def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
+  """'token k' plus the factor it explains most (DCI importance); '(uninformative)' when its importance is
+  below 5% of the most important token's."""
+  labels = [f"token {k}" for k in range(num_tokens)]
+  if not evaluation or "dci.importance_matrix" not in evaluation:
+    return labels
+  importance = np.asarray(evaluation["dci.importance_matrix"])
+  names = evaluation.get("factor_names") or [f"factor {j}" for j in range(importance.shape[1])]
+  total = importance.sum(axis=1)
+  for k in range(min(num_tokens, importance.shape[0])):
+    labels[k] += (f" {names[int(importance[k].argmax())]}" if total[k] >= 0.05 * total.max()
+                  else " (uninformative)")
+  return labels
+
+
+def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, num_images: int | None = None,
+                      attention_side: int | None = None, traversal_values: int = 7,
+                      writer=None, light: bool = False) -> list[str]:
+  """Writes the figures of a trained run to W/figures/ (and TensorBoard when `writer` is given).
+
+  Swap grid (row k: token k from the target), per-token cross-attention maps averaged over heads, over the
+  layers at `attention_side` (default: the finest) and over the sampling steps, traversals over quantiles of
+  each scalar, DDIM reconstructions with MSE/SSIM, samples, loss curves, the DCI importance matrix and the
+  metric history. `light` writes only the swap grid and the reconstructions (the periodic training figures).
+  Sampling is batched and jitted (EMA UNet, config.sample's DDIM steps and eta).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from concept_diffusion import generate  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.train.writer import read_metrics  # pylint: disable=g-import-not-at-top
+  frozen = computation_config(config)
+  figures = os.path.join(workdir, "figures")
+  step = int(state.step)
+  steps, eta = config.sample.ddim_steps, config.sample.eta
+  n = num_images or config.sample.num_images
+  upscale = max(1, 64 // config.data.image_size)
+  to_u8 = lambda x: np.asarray(generate.as_uint8(x))
+  indices = np.sort(np.random.default_rng(config.seed + step).choice(dataset.num_images, size=2 * n, replace=False))
+  images = jnp.asarray(dataset.images(indices))
+  sources, targets = images[:n], images[n:]
+  evaluation = _latest_eval(workdir)
+  labels = token_labels(config.encoder.num_tokens, evaluation)
+  keys = jax.random.split(rng, 4)
+  written = []
+
+  def save(name, grid):
+    written.append(os.path.join(figures, name))
+    save_png(written[-1], grid)
+    if writer is not None:
+      writer.image(step, f"figures/{name[:-4]}", grid)
+
+  swaps = generate.swap_grid(frozen, state, ae_params, sources, targets, keys[0], steps=steps, eta=eta)
+  save("swap_grid.png", image_grid([to_u8(sources), to_u8(targets)] + [to_u8(r) for r in swaps],
+                                   ["source", "target", "own tokens"] + [f"swap {s}" for s in labels],
+                                   upscale=upscale))
+
+  recon = generate.reconstruct(frozen, state, ae_params, sources, keys[3], steps=steps, eta=eta)
+  x, y = (np.asarray(sources) + 1) / 2, np.clip((np.asarray(recon) + 1) / 2, 0, 1)
+  mse, ssim_value = float(np.mean((x - y) ** 2)), float(np.mean(ssim(x, y)))
+  rows, row_labels = [to_u8(sources)], ["input"]
+  if config.first_stage.kind != "none":
+    rows.append(to_u8(generate.first_stage_reconstruct(frozen, ae_params, sources)))
+    row_labels.append("autoencoder")
+  rows.append(to_u8(recon))
+  row_labels.append(f"DDIM {steps}: MSE {mse:.4f} SSIM {ssim_value:.3f}")
+  save("reconstructions.png", image_grid(rows, row_labels, upscale=upscale))
+  if writer is not None:
+    writer.scalars(step, {"reconstruction_mse": mse, "reconstruction_ssim": ssim_value}, "figures")
+  if light:
+    return written
+
+  side = attention_side or generate.attention_sides(frozen)[0]
+  _, own_tokens = generate.encode(frozen, state, sources)
+  samples, maps = generate.sample_with_attention(frozen, state, ae_params, own_tokens, keys[1], steps=steps, eta=eta,
+                                                 side=side)
+  maps = np.asarray(maps)
+  big = np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2)
+  rows = [np.stack([big[i]] + [heat_overlay(big[i], maps[i, :, :, k] / max(maps[i].max(), 1e-8))
+                               for k in range(maps.shape[-1])]) for i in range(n)]
+  save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)]))
+  save("samples.png", image_grid([to_u8(samples)], ["samples"], upscale=upscale))
+
+  codes_paths = glob_codes(workdir)
+  if codes_paths:
+    codes = np.load(codes_paths[-1], mmap_mode="r")
+    codes = np.asarray(codes[np.linspace(0, len(codes) - 1, min(len(codes), 20000)).astype(int)])
+  else:
+    codes = np.asarray(generate.encode(frozen, state, images)[0])
+  values = np.quantile(codes, np.linspace(0.05, 0.95, traversal_values), axis=0).T  # (N, V)
+  trav = generate.traversal_grid(frozen, state, ae_params, sources[0], jnp.asarray(values, jnp.float32), keys[2],
+                                 steps=steps, eta=eta)
+  save("traversals.png", image_grid([to_u8(r) for r in trav], labels, upscale=upscale))
+
+  written.append(os.path.join(figures, "loss_curves.png"))
+  plot_curves(read_metrics(workdir), written[-1])
+  if evaluation and "dci.importance_matrix" in evaluation:
+    written.append(os.path.join(figures, "dci_importance.png"))
+    plot_matrix(np.asarray(evaluation["dci.importance_matrix"]), written[-1], "token",
+                evaluation.get("factor_names", []), f"DCI importance, step {evaluation['step']}")
+  history = eval_history(workdir)
+  if history:
+    written.append(os.path.join(figures, "metrics.png"))
+    plot_metric_history(history, written[-1])
+  return written
+
+
+def glob_codes(workdir: str) -> list[str]:
+  import glob  # pylint: disable=g-import-not-at-top
+  paths = glob.glob(os.path.join(workdir, "eval", "codes_*.npy"))
+  return sorted(paths, key=lambda p: int(os.path.basename(p)[6:-4]))

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Run `python experiments/evaluate.py --workdir=runs/quickstart` afterwards.
   config.eval.every = 0
   config.eval.final = False
+  config.train.figure_every = 0  # the final figures only
   config.sample.ddim_steps = 50
   config.sample.num_images = 8
   return config

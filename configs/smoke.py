@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval.every = 0
   config.eval.final = False  # encoding all 480,000 images takes minutes; tests evaluate a tiny dataset instead
+  config.train.figure_every = 0  # the final figures only
   config.sample.ddim_steps = 5
   config.sample.num_images = 4
   return config

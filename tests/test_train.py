@@ -48,14 +48,15 @@ def test_train_writes_the_workdir_contract(trained):
   assert load_config(workdir).to_dict() == config.to_dict()
   records = _records(workdir)
   stages = {r["stage"] for r in records}
-  assert stages == {"first_stage", "diffusion", "eval"}
+  assert stages == {"first_stage", "diffusion", "eval", "figures"}
   diffusion = [r for r in records if r["stage"] == "diffusion"]
   assert [r["step"] for r in diffusion] == list(range(config.train.log_every, config.train.num_steps + 1,
                                                       config.train.log_every))
   for key in ("loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "images_per_s"):
     assert np.isfinite(diffusion[-1][key])
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  for name in ("loss_curves.png", "reconstructions.png"):
+  for name in ("loss_curves.png", "reconstructions.png", "swap_grid.png", "attention_maps.png", "traversals.png",
+               "samples.png", "dci_importance.png", "metrics.png"):
     image = np.asarray(Image.open(os.path.join(workdir, "figures", name)).convert("L"), np.float32)
     assert image.std() > 5.0, f"{name} is blank"
 
@@ -75,6 +76,7 @@ def test_training_evaluates_with_the_fast_subset_then_the_full_set(trained):
     assert 0.0 <= final[key] <= 1.0
   codes = np.load(os.path.join(eval_dir, f"codes_{config.train.num_steps}.npy"))
   assert codes.shape == (60, config.encoder.num_tokens)
+  assert not os.path.exists(os.path.join(eval_dir, "codes_2.npy"))  # only the final table is kept
   eval_records = [r for r in _records(workdir) if r["stage"] == "eval"]
   assert [r["step"] for r in eval_records] == [2, config.train.num_steps]
 
@@ -113,7 +115,8 @@ def test_rerun_skips_finished_stages_and_extends_an_unfinished_one(trained):
   extended = run_lib.train(longer, workdir)
   assert int(extended.step) == config.train.num_steps + 2
   new = _records(workdir)[before:]
-  assert [r["stage"] for r in new] == ["diffusion", "eval"] and new[0]["step"] == config.train.num_steps + 2
+  assert [r["stage"] for r in new] == ["diffusion", "eval", "figures"]
+  assert new[0]["step"] == config.train.num_steps + 2
 
 
 def test_unknown_config_field_is_named():

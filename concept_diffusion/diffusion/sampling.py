@@ -5,7 +5,7 @@ know nothing about the model.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,12 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, steps: int,
-                eta: float = 1.0, return_x0: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """DDIM from x_T. sigma_t = eta * sqrt((1 - a_prev)/(1 - a) * (1 - a/a_prev)), as LDM's DDIMSampler."""
+                eta: float = 1.0, return_x0: bool = False, aux_init: Any = None) -> Any:
+  """DDIM from x_T. sigma_t = eta * sqrt((1 - a_prev)/(1 - a) * (1 - a/a_prev)), as LDM's DDIMSampler.
+
+  With `aux_init` (a pytree of zeros), `eps_fn` returns (eps, aux) and the aux values are summed over the
+  sampling steps and returned last — e.g. cross-attention maps — without changing the samples.
+  """
   ts = ddim_timesteps(schedule.num_timesteps, steps)
   abar = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
   a = abar[ts]
@@ -40,18 +44,27 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
   consts = tuple(jnp.asarray(c[::-1], jnp.float32) for c in (a, a_prev, sigma))
   ts_rev = jnp.asarray(ts[::-1].copy(), jnp.int32)
 
+  with_aux = aux_init is not None
+
   def body(i, carry):
-    x, _, key = carry
+    x, _, key, aux_sum = carry
     key, sub = jax.random.split(key)
     a_t, a_p, s_t = (c[i] for c in consts)
     t = jnp.full((x.shape[0],), ts_rev[i], jnp.int32)
-    eps = eps_fn(x, t)
+    if with_aux:
+      eps, aux = eps_fn(x, t)
+      aux_sum = jax.tree_util.tree_map(jnp.add, aux_sum, aux)
+    else:
+      eps = eps_fn(x, t)
     x0 = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
     x = jnp.sqrt(a_p) * x0 + jnp.sqrt(1 - a_p - s_t ** 2) * eps + s_t * jax.random.normal(sub, x.shape, x.dtype)
-    return x, x0, key
+    return x, x0, key, aux_sum
 
-  x, x0, _ = jax.lax.fori_loop(0, len(ts), body, (x_T, jnp.zeros_like(x_T), rng))
-  return (x, x0) if return_x0 else x
+  x, x0, _, aux_sum = jax.lax.fori_loop(0, len(ts), body, (x_T, jnp.zeros_like(x_T), rng, aux_init))
+  out = (x, x0) if return_x0 else (x,)
+  if with_aux:
+    out = out + (aux_sum,)
+  return out if len(out) > 1 else out[0]
 
 
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array) -> jax.Array:

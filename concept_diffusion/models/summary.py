@@ -43,6 +43,8 @@ def parameter_counts(config) -> dict[str, int]:
 
 def main(argv):
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
   counts = parameter_counts(_CONFIG.value)
   if _JSON.value:
     print(json.dumps(counts))

@@ -8,7 +8,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from concept_diffusion import data as data_lib
@@ -110,13 +109,20 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
 
   def evaluate_during_training(step: int, s: diffusion_stage.DiffusionState) -> None:
     if step < tc.num_steps and jax.process_index() == 0:  # the final evaluation uses the full metric set
-      scores, _ = evaluate_run(config, s, dataset, workdir, step, metrics=config.eval.train_metrics, progress=False)
+      # Code tables are kept for the final evaluation only (480,000 x 20 floats = 38 MB each).
+      scores, _ = evaluate_run(config, s, dataset, workdir, step, metrics=config.eval.train_metrics, progress=False,
+                               save_codes=False)
       writer.scalars(step, scores, "eval")
+
+  def figures_during_training(step: int, s: diffusion_stage.DiffusionState) -> None:
+    if step < tc.num_steps and jax.process_index() == 0:
+      visualize.write_run_figures(config, workdir, dataset, s, ae_params, jax.random.fold_in(rng, step),
+                                  writer=writer, light=True)
 
   state = run_loop(stage="diffusion", state=state, start_step=latest, num_steps=tc.num_steps, step_fn=step_fn,
                    batch_fn=batch_fn, rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer,
                    log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size,
-                   hooks=[(config.eval.every, evaluate_during_training)])
+                   hooks=[(config.eval.every, evaluate_during_training), (tc.figure_every, figures_during_training)])
   ckpts.close()
   return state, True
 
@@ -136,29 +142,28 @@ def restore_diffusion_state(config, workdir: str, step: int | None = None) -> di
   return state
 
 
-def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rng: jax.Array) -> list[str]:
-  """Loss curves and a grid: inputs / first-stage reconstructions / DDIM reconstructions from own tokens."""
-  figures = os.path.join(workdir, "figures")
-  paths = [os.path.join(figures, "loss_curves.png")]
-  visualize.plot_curves(read_metrics(workdir), paths[0])
+def restore_first_stage_params(config, workdir: str) -> Any:
+  """The trained first stage of a run (None in pixel space), with a clear error when it is missing."""
+  if config.first_stage.kind == "none":
+    return None
+  source = workdir if "first_stage" in config.stages else (config.first_stage.checkpoint or workdir)
+  ckpts = StageCheckpoints(os.path.join(source, AE_DIR), keep=config.train.keep_checkpoints)
+  if ckpts.latest_step() is None:
+    raise FileNotFoundError(f"No first-stage checkpoint in {os.path.join(source, AE_DIR)}.")
+  create = functools.partial(first_stage.create_first_stage_state, config)
+  params = ckpts.restore(_abstract(create, jax.random.PRNGKey(0))).ae_params
+  ckpts.close()
+  return params
+
+
+def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rng: jax.Array,
+                        writer: MetricWriter | None = None) -> list[str]:
+  """Every figure of the run (visualize.write_run_figures); only the loss curves without a diffusion stage."""
   if state is None:
-    return paths
-  frozen = computation_config(config)
-  n = config.sample.num_images
-  indices = np.random.default_rng(config.seed).choice(dataset.num_images, size=n, replace=False)
-  images = jnp.asarray(dataset.images(np.sort(indices)))
-  rows, labels = [images], ["input"]
-  if config.first_stage.kind != "none":
-    rows.append(generate.first_stage_reconstruct(frozen, ae_params, images))
-    labels.append("autoencoder")
-  rows.append(generate.reconstruct(frozen, state, ae_params, images, rng, steps=config.sample.ddim_steps,
-                                   eta=config.sample.eta))
-  labels.append(f"DDIM {config.sample.ddim_steps}")
-  grid = visualize.image_grid([np.asarray(generate.as_uint8(r)) for r in rows], labels,
-                              upscale=max(1, 64 // config.data.image_size))
-  paths.append(os.path.join(figures, "reconstructions.png"))
-  visualize.save_png(paths[-1], grid)
-  return paths
+    path = os.path.join(workdir, "figures", "loss_curves.png")
+    visualize.plot_curves(read_metrics(workdir), path)
+    return [path]
+  return visualize.write_run_figures(config, workdir, dataset, state, ae_params, rng, writer=writer)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.DiffusionState | None:
@@ -180,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.Di
       _say(f"evaluation at step {int(state.step)}:\n{format_table(scores)}")
   figures_exist = os.path.exists(os.path.join(workdir, "figures", "reconstructions.png"))
   if is_main and (trained or not figures_exist):
-    for path in write_final_figures(config, workdir, dataset, state, ae_params, jax.random.fold_in(rng, 30)):
+    for path in write_final_figures(config, workdir, dataset, state, ae_params, jax.random.fold_in(rng, 30), writer):
       _say(f"wrote {path}")
   writer.close()
   return state

@@ -14,7 +14,7 @@ from concept_diffusion.diffusion import SCHEDULES
 # Fields a user may change between invocations on one workdir: they extend or observe a run without
 # changing what it computes.
 RESUMABLE_FIELDS = (
-    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.figure_every",
     "first_stage.num_steps", "first_stage.log_every", "first_stage.checkpoint_every",
     "sample.", "eval.", "stages", "name",
 )
