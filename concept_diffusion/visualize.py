@@ -57,9 +57,10 @@ def plot_curves(records: Sequence[dict], path: str, keys: Sequence[str] = ("loss
       ax.plot(*zip(*pts), label=key)
     ax.set_title(stage)
     ax.set_xlabel("step")
-    if positive:
+    if positive and ax.lines:
       ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.lines:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=100)
