@@ -46,8 +46,15 @@ def make_batch_fn(dataset, batch_size: int, seed: int):
   return batch_fn
 
 
-def _abstract(fn, *args):
-  return jax.eval_shape(fn, *args)
+def _first_stage_dir(config, workdir: str) -> str:
+  """Where the first stage lives: this workdir, or first_stage.checkpoint when this run does not train it."""
+  source = workdir if "first_stage" in config.stages else (config.first_stage.checkpoint or workdir)
+  return os.path.join(source, AE_DIR)
+
+
+def _restore_ae_params(config, ckpts: StageCheckpoints) -> Any:
+  create = functools.partial(first_stage.create_first_stage_state, config)
+  return ckpts.restore(jax.eval_shape(create, jax.random.PRNGKey(0))).ae_params
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,21 +68,19 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
   if fs.kind == "none":
     return None
   create = functools.partial(first_stage.create_first_stage_state, config)
+  ckpts = StageCheckpoints(_first_stage_dir(config, workdir), keep=config.train.keep_checkpoints)
   if "first_stage" not in config.stages:
-    source = fs.checkpoint or workdir
-    ckpts = StageCheckpoints(os.path.join(source, AE_DIR), keep=config.train.keep_checkpoints)
     if ckpts.latest_step() is None or ckpts.latest_step() < fs.num_steps:
       raise FileNotFoundError(
-          f"No finished first-stage checkpoint in {os.path.join(source, AE_DIR)} (need step >= "
+          f"No finished first-stage checkpoint in {ckpts.directory} (need step >= "
           f"first_stage.num_steps={fs.num_steps}, found {ckpts.latest_step()}). Add 'first_stage' to "
           "config.stages to train it, or point first_stage.checkpoint at a workdir that has one.")
-    return ckpts.restore(_abstract(create, rng)).ae_params
-  ckpts = StageCheckpoints(os.path.join(workdir, AE_DIR), keep=config.train.keep_checkpoints)
+    return _restore_ae_params(config, ckpts)
   latest = ckpts.latest_step() or 0
   if latest >= fs.num_steps and latest > 0:
     _say(f"first_stage: finished at step {latest}; skipping.")
-    return ckpts.restore(_abstract(create, rng)).ae_params
-  state = ckpts.restore(_abstract(create, rng)) if latest else create(rng)
+    return _restore_ae_params(config, ckpts)
+  state = ckpts.restore(jax.eval_shape(create, rng)) if latest else create(rng)
   step_fn = _jitted_first_stage_step(computation_config(config))
   state = run_loop(stage="first_stage", state=state, start_step=latest, num_steps=fs.num_steps, step_fn=step_fn,
                    batch_fn=make_batch_fn(dataset, fs.batch_size, config.seed), rng=jax.random.fold_in(rng, 1),
@@ -94,7 +99,7 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
   latest = ckpts.latest_step() or 0
   batch_fn = make_batch_fn(dataset, tc.batch_size, config.seed + 1)
   if latest:
-    state = ckpts.restore(_abstract(create, rng))
+    state = ckpts.restore(jax.eval_shape(create, rng))
   else:
     state = create(rng)
     state = state.replace(scale_factor=diffusion_stage.compute_scale_factor(computation_config(config), ae_params,
@@ -137,7 +142,7 @@ def restore_diffusion_state(config, workdir: str, step: int | None = None) -> di
   if step is not None and step not in steps:
     raise FileNotFoundError(f"No diffusion checkpoint at step {step} in {workdir}; available steps: {steps}.")
   create = functools.partial(diffusion_stage.create_diffusion_state, config)
-  state = ckpts.restore(_abstract(create, jax.random.PRNGKey(0)), step)
+  state = ckpts.restore(jax.eval_shape(create, jax.random.PRNGKey(0)), step)
   ckpts.close()
   return state
 
@@ -146,12 +151,10 @@ def restore_first_stage_params(config, workdir: str) -> Any:
   """The trained first stage of a run (None in pixel space), with a clear error when it is missing."""
   if config.first_stage.kind == "none":
     return None
-  source = workdir if "first_stage" in config.stages else (config.first_stage.checkpoint or workdir)
-  ckpts = StageCheckpoints(os.path.join(source, AE_DIR), keep=config.train.keep_checkpoints)
+  ckpts = StageCheckpoints(_first_stage_dir(config, workdir), keep=config.train.keep_checkpoints)
   if ckpts.latest_step() is None:
-    raise FileNotFoundError(f"No first-stage checkpoint in {os.path.join(source, AE_DIR)}.")
-  create = functools.partial(first_stage.create_first_stage_state, config)
-  params = ckpts.restore(_abstract(create, jax.random.PRNGKey(0))).ae_params
+    raise FileNotFoundError(f"No first-stage checkpoint in {ckpts.directory}.")
+  params = _restore_ae_params(config, ckpts)
   ckpts.close()
   return params
 

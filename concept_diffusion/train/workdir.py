@@ -23,7 +23,7 @@ RESUMABLE_FIELDS = (
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(d, (dict, ml_collections.ConfigDict)):
     out = {}
-    for k, v in (d.items() if isinstance(d, dict) else d.items()):
+    for k, v in d.items():
       out.update(_flatten(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
