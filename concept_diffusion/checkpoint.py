@@ -1,7 +1,10 @@
 """Orbax CheckpointManager wiring: one manager per stage directory under the workdir.
 
-The data order is a pure function of (seed, step) (see `data.sampling`), so the step restores the
-data-iterator position too; the RNG is `fold_in(seed key, step)` for the same reason.
+A checkpoint holds two items: `state` (the stage's whole train state: parameters, EMA, optimiser state, BatchNorm
+statistics, step) and `data` (the input pipeline's iterator state, JSON). The RNG is `fold_in(seed key, step)`,
+so the step restores it. Saves are asynchronous by default (training continues while the arrays are written;
+every process writes its own shards) and atomic: Orbax writes into a temporary directory and renames it when
+complete, so a crash during a save leaves the previous checkpoint as the latest one.
 """
 from __future__ import annotations
 
@@ -12,13 +15,25 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class StageCheckpoints:
-  """Saves and restores one stage's train-state pytree; keeps the last `keep` steps."""
+def _abstract(leaf: Any) -> Any:
+  """A restore target: ShapeDtypeStructs keep their sharding; concrete arrays lend theirs; else device 0."""
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    if leaf.sharding is None:
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return leaf
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return ocp.utils.to_shape_dtype_struct(leaf)
 
-  def __init__(self, directory: str, keep: int = 3):
+
+class StageCheckpoints:
+  """Saves and restores one stage's train state (and the data-iterator state); keeps the last `keep` steps."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -26,16 +41,31 @@ class StageCheckpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, force: bool = False) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  def save(self, step: int, state: Any, data_state: dict | None = None, force: bool = False) -> bool:
+    """Starts saving `state` (and `data_state`) as `step`; returns once the arrays are copied off the devices."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items["data"] = ocp.args.JsonSave(data_state)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, template: Any, step: int | None = None) -> Any:
-    """Restores onto the structure, shapes and dtypes of `template` (a concrete or abstract state)."""
+    """The state at `step` (default latest) onto the structure, dtypes and shardings of `template`.
+
+    `template` is a concrete state or one of ShapeDtypeStructs; leaves that carry a sharding are restored
+    onto it (which may be another mesh than the one that saved them), others onto the first device.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    abstract = jax.tree_util.tree_map(_abstract, template)
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return restored.state
+
+  def restore_data_state(self, step: int) -> dict | None:
+    """The input pipeline's state saved with `step` (None for checkpoints written without one, e.g. imports)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+      return None
+    return dict(self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -104,7 +104,8 @@ def make_diffusion_state(config: ml_collections.ConfigDict, weights: official.Im
       batch_stats=_as_jax_like(weights.batch_stats, template.batch_stats, "BatchNorm statistics"),
       opt_state=fresh_optimizer_state(config, params, step),
       ema_unet=_as_jax_like(weights.ema_unet, template.ema_unet, "EMA parameters"),
-      scale_factor=jnp.asarray(weights.scale_factor, template.scale_factor.dtype).reshape(()))
+      scale_factor=jnp.asarray(weights.scale_factor, template.scale_factor.dtype).reshape(()),
+      nonfinite_steps=jnp.zeros((), template.nonfinite_steps.dtype))
 
 
 def make_first_stage_state(config: ml_collections.ConfigDict, weights: official.ImportedWeights,
@@ -128,7 +129,8 @@ def make_first_stage_state(config: ml_collections.ConfigDict, weights: official.
   state = template.replace(step=jnp.asarray(max(config.first_stage.num_steps, 1), template.step.dtype),
                           ae_params=ae_params, ae_opt_state=init_optimizer(ae_tx, ae_params),
                           disc_params=disc_params, disc_batch_stats=disc_stats,
-                          disc_opt_state=init_optimizer(disc_tx, disc_params))
+                          disc_opt_state=init_optimizer(disc_tx, disc_params),
+                          nonfinite_steps=jnp.zeros((), template.nonfinite_steps.dtype))
   unfilled = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(state)
               if isinstance(leaf, jax.ShapeDtypeStruct)]
   if unfilled:  # FirstStageState grew a field this importer does not know

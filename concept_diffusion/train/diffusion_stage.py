@@ -12,11 +12,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from concept_diffusion import parallel
 from concept_diffusion.diffusion import make_schedule, noise_loss, q_sample
 from concept_diffusion.models.encoder import ConceptEncoder, build_encoder
 from concept_diffusion.models.unet import UNet, build_unet
-from concept_diffusion.train import first_stage
+from concept_diffusion.train import first_stage, sharded
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -29,6 +31,7 @@ class DiffusionState:
   opt_state: Any
   ema_unet: Any
   scale_factor: jax.Array  # 1/std of the first batch's latents; 1 in pixel space
+  nonfinite_steps: jax.Array  # steps whose update was dropped for a NaN/Inf (see guard_nonfinite)
 
 
 def latent_shape(config) -> tuple[int, int, int]:
@@ -71,7 +74,7 @@ def create_diffusion_state(config, rng: jax.Array) -> DiffusionState:
   return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=enc_vars["batch_stats"],
                         opt_state=make_optimizer(config.train).init(params),
                         ema_unet=jax.tree_util.tree_map(jnp.copy, params["unet"]),
-                        scale_factor=jnp.ones((), jnp.float32))
+                        scale_factor=jnp.ones((), jnp.float32), nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
 def ema_decay(train_config, num_updates: jax.Array) -> jax.Array:
@@ -119,12 +122,32 @@ def compute_scale_factor(config, ae_params: Any, images: jax.Array) -> jax.Array
   return (1.0 / jnp.std(latents, ddof=1)).astype(jnp.float32)
 
 
+def abstract_state(config) -> DiffusionState:
+  return jax.eval_shape(functools.partial(create_diffusion_state, config), jax.random.PRNGKey(0))
+
+
+def state_shardings(config, mesh: Mesh) -> DiffusionState:
+  return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
+
+
+def create_sharded_state(config, rng: jax.Array, mesh: Mesh) -> DiffusionState:
+  return sharded.create_sharded(functools.partial(create_diffusion_state, config), rng, state_shardings(config, mesh))
+
+
 @functools.lru_cache(maxsize=8)
-def _jitted_train_step(frozen_config) -> Callable:
-  return jax.jit(functools.partial(diffusion_train_step, config=frozen_config), donate_argnums=0)
+def _jitted_train_step(frozen_config, mesh: Mesh, fsdp_min_size: int) -> Callable:
+  ae_params = first_stage.abstract_ae_params(frozen_config)
+  return sharded.jit_train_step(
+      functools.partial(diffusion_train_step, config=frozen_config), mesh,
+      parallel.state_shardings(abstract_state(frozen_config), mesh, fsdp_min_size),
+      (parallel.state_shardings(ae_params, mesh, fsdp_min_size),))
 
 
-def make_train_step(config) -> Callable:
-  """The jitted step; one compilation per computation-relevant config (see `computation_config`)."""
+def make_train_step(config, mesh: Mesh | None = None) -> Callable:
+  """The jitted, sharded step fn(state, images, ae_params, rng) -> (state, metrics); `rng` is the stage's constant
+  key (the step is folded in inside). One compilation per computation-relevant config (`computation_config`) and
+  mesh; the state is donated. Default mesh: the config's over all devices."""
   from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
-  return _jitted_train_step(computation_config(config))
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  return _jitted_train_step(computation_config(config), mesh, config.mesh.fsdp_min_size)

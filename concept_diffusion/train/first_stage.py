@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from concept_diffusion import parallel
 from concept_diffusion.models import autoencoder
+from concept_diffusion.train import sharded
 
 Array = jax.Array
 PyTree = Any
@@ -31,6 +33,7 @@ class FirstStageState:
   disc_batch_stats: PyTree
   ae_opt_state: optax.OptState
   disc_opt_state: optax.OptState
+  nonfinite_steps: Array  # steps whose update was dropped for a NaN/Inf (see loop.guard_nonfinite)
 
 
 def _check_perceptual(fs: ml_collections.ConfigDict) -> None:
@@ -66,8 +69,9 @@ def create_first_stage_state(config: ml_collections.ConfigDict, rng: Array) -> F
   fs = config.first_stage
   _check_perceptual(fs)
   if fs.perceptual_weight > 0:
-    logging.warning("first stage: perceptual (LPIPS) loss is OFF (config.first_stage.lpips_weights is empty); "
-                    "training with L1 + %s + GAN only.", "codebook" if fs.kind == "vq" else "KL")
+    logging.log_first_n(logging.WARNING, "first stage: perceptual (LPIPS) loss is OFF (config.first_stage."
+                        "lpips_weights is empty); training with L1 + %s + GAN only.", 1,
+                        "codebook" if fs.kind == "vq" else "KL")
   channels = config.data.channels
   model = autoencoder.build_first_stage(fs, channels)
   disc = autoencoder.build_discriminator(fs)
@@ -84,6 +88,7 @@ def create_first_stage_state(config: ml_collections.ConfigDict, rng: Array) -> F
       disc_batch_stats=disc_vars["batch_stats"],
       ae_opt_state=ae_tx.init(ae_params),
       disc_opt_state=disc_tx.init(disc_vars["params"]),
+      nonfinite_steps=jnp.zeros((), jnp.int32),
   )
 
 
@@ -222,3 +227,34 @@ def first_stage_decode(config: ml_collections.ConfigDict, ae_params: PyTree, lat
   if model is None:
     return latents
   return model.apply({"params": ae_params}, latents, method=model.decode)
+
+
+def abstract_ae_params(config: ml_collections.ConfigDict) -> Optional[PyTree]:
+  """The autoencoder's parameters as ShapeDtypeStructs (None in pixel space)."""
+  if config.first_stage.kind == "none":
+    return None
+  module = autoencoder.build_first_stage(config.first_stage, config.data.channels)
+  return autoencoder.abstract_params(module, config.data.image_size, config.data.channels)
+
+
+def abstract_state(config: ml_collections.ConfigDict) -> FirstStageState:
+  return jax.eval_shape(functools.partial(create_first_stage_state, config), jax.random.PRNGKey(0))
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> FirstStageState:
+  return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_train_step(frozen_config: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh,
+                       fsdp_min_size: int):
+  shardings = parallel.state_shardings(abstract_state(frozen_config), mesh, fsdp_min_size)
+  return sharded.jit_train_step(functools.partial(first_stage_train_step, config=frozen_config), mesh, shardings)
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None):
+  """The jitted, sharded step fn(state, images, rng) -> (state, metrics), as diffusion_stage.make_train_step."""
+  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  parallel.check_batch_size(config.first_stage.batch_size, mesh, "first_stage.batch_size")
+  return _jitted_train_step(computation_config(config), mesh, config.mesh.fsdp_min_size)

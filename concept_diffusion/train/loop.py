@@ -1,10 +1,13 @@
-"""The generic training loop shared by both stages: progress bar, logging, checkpoints, NaN guard."""
+"""The training loop shared by both stages: progress bar, logging, checkpoints, preemption, NaN guard."""
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -14,47 +17,121 @@ from concept_diffusion.train.writer import MetricWriter
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
 
 
-def run_loop(*, stage: str, state: Any, start_step: int, num_steps: int, step_fn: StepFn,
-             batch_fn: Callable[[int], jax.Array], rng: jax.Array, ckpts: StageCheckpoints, writer: MetricWriter,
-             log_every: int, checkpoint_every: int, batch_size: int,
-             hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = ()) -> Any:
-  """Runs steps [start_step, num_steps); returns the final state (checkpointed).
+class Preempted(Exception):
+  """Raised after the checkpoint of a preempted run is written; the CLI exits 0 so the scheduler restarts it."""
 
-  Metrics stay on device between log points (no per-step host sync); at a log point they are fetched,
-  checked for NaN/Inf (which stops the run before it is checkpointed, so the last good checkpoint
-  survives), and written. Each hook `(every, fn)` runs as fn(step, state) after every `every` steps.
+
+class PreemptionWatch:
+  """Notices a preemption request: SIGTERM in a single process; JAX's preemption sync point across processes.
+
+  Across processes every host must stop at the same step, which JAX's coordination service agrees on (it also
+  receives the TPU maintenance notice and SIGTERM); a single process only needs its own SIGTERM handler.
   """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "PreemptionWatch":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # the coordination service runs without a preemption sync manager
+        return False
+    return self.requested
+
+
+def _summarise(pending: list[tuple[int, dict]]) -> tuple[dict[str, float], list[tuple[int, list[str]]]]:
+  """Means over the steps whose update was applied, and [(step, non-finite metric names)] of the others."""
+  host = jax.device_get(pending)
+  bad = [(step, sorted(k for k, v in m.items() if not np.all(np.isfinite(v)))) for step, m in host
+         if int(m.get("nonfinite", 0))]
+  good = [m for _, m in host if not int(m.get("nonfinite", 0))]
+  keys = [k for k in host[-1][1] if k != "nonfinite"]
+  mean = {k: float(np.mean([m[k] for m in good])) if good else float("nan") for k in keys}
+  return mean, bad
+
+
+def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches: Iterator[jax.Array],
+             rng: jax.Array, ckpts: StageCheckpoints, writer: MetricWriter, log_every: int, checkpoint_every: int,
+             batch_size: int, on_nonfinite: str = "stop",
+             hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = ()) -> Any:
+  """Runs steps [state.step, num_steps); returns the final state (checkpointed, saves finished).
+
+  `batches` yields the global batch of each step in order and has get_state() (saved with each checkpoint).
+  `step_fn(state, images, rng)` folds the step into the constant `rng` itself (see train/sharded.py).
+  Metrics stay on device between log points (no per-step host sync). A step whose loss or gradient was not
+  finite left the state unchanged (the step drops it); with on_nonfinite="stop" the loop then ends with an
+  error naming that step before anything is saved, with "skip" it counts it and goes on. On preemption
+  (SIGTERM, or the TPU notice across hosts) it saves at the next step boundary and raises `Preempted`.
+  Each hook `(every, fn)` runs as fn(step, state) after every `every` steps; those steps are logged too.
+  Every log record carries `images_seen` and `wall_s`: the stage's training seconds (compilation and checkpoint
+  writes included, hooks such as evaluation excluded), continued across resumed invocations.
+  """
+  start_step = int(jax.device_get(state.step))
+  wall_s = writer.progress(stage, start_step).get("wall_s", 0.0) if start_step else 0.0
   bar = tqdm(total=num_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, mininterval=1.0,
-             smoothing=0.1)
-  pending: list[dict] = []
+             smoothing=0.1, disable=jax.process_index() != 0)
+  pending: list[tuple[int, dict]] = []
   last_time, last_step = time.perf_counter(), start_step
-  for step in range(start_step, num_steps):
-    state, metrics = step_fn(state, batch_fn(step), jax.random.fold_in(rng, step))
-    pending.append(metrics)
-    bar.update(1)
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      host = jax.device_get(pending)
-      pending = []
-      mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-      bad = [k for k, v in mean.items() if not np.isfinite(v)]
-      if bad:
+  with PreemptionWatch() as preemption:
+    for step in range(start_step, num_steps):
+      state, metrics = step_fn(state, next(batches), rng)
+      pending.append((step + 1, metrics))
+      bar.update(1)
+      done = step + 1
+      log_due = done % log_every == 0 or done == num_steps
+      save_due = done % checkpoint_every == 0 or done == num_steps
+      preempted = preemption.reached(done)
+      hook_due = any(every > 0 and done % every == 0 for every, _ in hooks)
+      if pending and (log_due or save_due or preempted or hook_due):
+        mean, bad = _summarise(pending)
+        pending = []
+        if bad and on_nonfinite == "stop":
+          bar.close()
+          bad_step, names = bad[0]
+          raise FloatingPointError(
+              f"{stage}: {', '.join(names) or 'a metric'} became NaN/Inf at step {bad_step}; the run stopped and "
+              f"that update was never applied or saved. Last good checkpoint: step {ckpts.latest_step()} in "
+              f"{ckpts.directory}. Lower the learning rate or check the data, or set train.on_nonfinite='skip' to "
+              "drop such steps and go on.")
+        now = time.perf_counter()
+        rate = (done - last_step) / max(now - last_time, 1e-9)
+        wall_s += now - last_time
+        last_time, last_step = now, done
+        mean.update(steps_per_s=rate, images_per_s=rate * batch_size,
+                    nonfinite_steps=float(jax.device_get(state.nonfinite_steps)), images_seen=done * batch_size,
+                    wall_s=wall_s)
+        writer.scalars(done, mean, stage)
+        loss = mean.get("loss", mean.get("total_loss", float("nan")))
+        bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
+      if save_due or preempted:
+        ckpts.save(done, state, batches.get_state(), force=True)
+      if preempted and done < num_steps:
         bar.close()
-        raise FloatingPointError(
-            f"{stage}: {', '.join(bad)} became NaN/Inf by step {done}; stopping without saving. The last good "
-            f"checkpoint (step {ckpts.latest_step()}) is untouched. Lower the learning rate or check the data.")
-      now = time.perf_counter()
-      rate = (done - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, done
-      mean.update(steps_per_s=rate, images_per_s=rate * batch_size)
-      writer.scalars(done, mean, stage)
-      loss = mean.get("loss", mean.get("total_loss", float("nan")))
-      bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
-    if done % checkpoint_every == 0 or done == num_steps:
-      ckpts.save(done, state, force=True)
-    for every, hook in hooks:
-      if every > 0 and done % every == 0:
-        hook(done, state)
+        ckpts.wait()
+        writer.flush()
+        raise Preempted(f"{stage}: preempted; saved step {done} to {ckpts.directory}. Run the same command to "
+                        "resume.")
+      for every, hook in hooks:
+        if every > 0 and done % every == 0:
+          hook(done, state)
+      if hook_due:  # neither the clock nor the next steps/s count the hooks' time
+        last_time = time.perf_counter()
   bar.close()
   ckpts.wait()
   writer.flush()

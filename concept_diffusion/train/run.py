@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from concept_diffusion import data as data_lib
-from concept_diffusion import generate, visualize
+from concept_diffusion import parallel, visualize
 from concept_diffusion.checkpoint import StageCheckpoints
-from concept_diffusion.data.sampling import batch_indices
+from concept_diffusion.data.pipeline import InputPipeline
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
-from concept_diffusion.train import diffusion_stage, first_stage
+from concept_diffusion.train import diffusion_stage, first_stage, sharded
 from concept_diffusion.train.loop import run_loop
 from concept_diffusion.train.workdir import check_or_write_config, computation_config, validate_config
 from concept_diffusion.train.writer import MetricWriter, read_metrics
@@ -37,13 +37,9 @@ def load_dataset(config) -> data_lib.GroundTruthDataset:
   return dataset
 
 
-def make_batch_fn(dataset, batch_size: int, seed: int):
-  render = jax.jit(dataset.images_jax) if dataset.renders_on_device else None
-
-  def batch_fn(step: int) -> jax.Array:
-    indices = batch_indices(step, batch_size, dataset.num_images, seed)
-    return render(jnp.asarray(indices)) if render is not None else jnp.asarray(dataset.images(indices))
-  return batch_fn
+def make_pipeline(config, dataset, batch_size: int, seed: int, mesh: Mesh, what: str) -> InputPipeline:
+  return InputPipeline(dataset, batch_size, seed, mesh, loader_threads=config.data.loader_threads,
+                       prefetch_batches=config.data.prefetch_batches, what=what)
 
 
 def _first_stage_dir(config, workdir: str) -> str:
@@ -52,82 +48,118 @@ def _first_stage_dir(config, workdir: str) -> str:
   return os.path.join(source, AE_DIR)
 
 
-def _restore_ae_params(config, ckpts: StageCheckpoints) -> Any:
-  create = functools.partial(first_stage.create_first_stage_state, config)
-  return ckpts.restore(jax.eval_shape(create, jax.random.PRNGKey(0))).ae_params
+def _restore_ae_params(config, ckpts: StageCheckpoints, mesh: Mesh | None = None) -> Any:
+  template = first_stage.abstract_state(config)
+  if mesh is not None:
+    template = parallel.with_shardings(template, first_stage.state_shardings(config, mesh))
+  return ckpts.restore(template).ae_params
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_first_stage_step(frozen_config):
-  return jax.jit(functools.partial(first_stage.first_stage_train_step, config=frozen_config), donate_argnums=0)
+def _resume(ckpts: StageCheckpoints, template: Any, pipeline: InputPipeline, stage: str) -> Any:
+  """The latest state, with the input pipeline moved to the batch that comes next."""
+  state = ckpts.restore(template)
+  step = int(jax.device_get(state.step))
+  data_state = ckpts.restore_data_state(ckpts.latest_step())
+  if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
+    data_state = {"next_index": step}
+  if int(data_state.get("next_index", -1)) != step:
+    raise ValueError(f"{stage}: the checkpoint at step {step} in {ckpts.directory} holds an input-pipeline state "
+                     f"{data_state} that does not match its step; the checkpoint is damaged. Delete that step's "
+                     "directory to resume from the one before.")
+  pipeline.set_state(data_state)
+  return state
 
 
-def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng: jax.Array) -> Any:
+def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng: jax.Array,
+                        mesh: Mesh | None = None) -> Any:
   """Trains (or resumes, or skips) the first stage; returns its parameters (None in pixel space)."""
   fs = config.first_stage
   if fs.kind == "none":
     return None
-  create = functools.partial(first_stage.create_first_stage_state, config)
-  ckpts = StageCheckpoints(_first_stage_dir(config, workdir), keep=config.train.keep_checkpoints)
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  ckpts = StageCheckpoints(_first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
+                           async_save=config.train.async_checkpoints)
   if "first_stage" not in config.stages:
     if ckpts.latest_step() is None or ckpts.latest_step() < fs.num_steps:
       raise FileNotFoundError(
           f"No finished first-stage checkpoint in {ckpts.directory} (need step >= "
           f"first_stage.num_steps={fs.num_steps}, found {ckpts.latest_step()}). Add 'first_stage' to "
           "config.stages to train it, or point first_stage.checkpoint at a workdir that has one.")
-    return _restore_ae_params(config, ckpts)
+    return _restore_ae_params(config, ckpts, mesh)
   latest = ckpts.latest_step() or 0
   if latest >= fs.num_steps and latest > 0:
     _say(f"first_stage: finished at step {latest}; skipping.")
-    return _restore_ae_params(config, ckpts)
-  state = ckpts.restore(jax.eval_shape(create, rng)) if latest else create(rng)
-  step_fn = _jitted_first_stage_step(computation_config(config))
-  state = run_loop(stage="first_stage", state=state, start_step=latest, num_steps=fs.num_steps, step_fn=step_fn,
-                   batch_fn=make_batch_fn(dataset, fs.batch_size, config.seed), rng=jax.random.fold_in(rng, 1),
-                   ckpts=ckpts, writer=writer, log_every=fs.log_every, checkpoint_every=fs.checkpoint_every,
-                   batch_size=fs.batch_size)
+    return _restore_ae_params(config, ckpts, mesh)
+  shardings = first_stage.state_shardings(config, mesh)
+  pipeline = make_pipeline(config, dataset, fs.batch_size, config.seed, mesh, "first_stage.batch_size")
+  if latest:
+    state = _resume(ckpts, parallel.with_shardings(first_stage.abstract_state(config), shardings), pipeline,
+                    "first_stage")
+  else:
+    state = sharded.create_sharded(functools.partial(first_stage.create_first_stage_state, config), rng, shardings)
+  state = run_loop(stage="first_stage", state=state, num_steps=fs.num_steps,
+                   step_fn=first_stage.make_train_step(config, mesh), batches=pipeline,
+                   rng=jax.random.fold_in(rng, 1), ckpts=ckpts, writer=writer, log_every=fs.log_every,
+                   checkpoint_every=fs.checkpoint_every, batch_size=fs.batch_size,
+                   on_nonfinite=config.train.on_nonfinite)
   ckpts.close()
   return state.ae_params
 
 
-def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: MetricWriter,
-                     rng: jax.Array) -> tuple[diffusion_stage.DiffusionState, bool]:
+def _on_main_host(fn: Callable[..., None], mesh: Mesh) -> Callable[[int, Any], None]:
+  """A hook that runs fn(step, host_state) on process 0; every process takes part in gathering the state."""
+
+  def hook(step: int, state: Any) -> None:
+    host_state = parallel.fetch_to_host(state, mesh)
+    if jax.process_index() == 0:
+      fn(step, host_state)
+  return hook
+
+
+def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: MetricWriter, rng: jax.Array,
+                     mesh: Mesh | None = None) -> tuple[diffusion_stage.DiffusionState, bool]:
   """The trained (or resumed, or restored) state, and whether any step ran in this call."""
   tc = config.train
-  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints)
-  create = functools.partial(diffusion_stage.create_diffusion_state, config)
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints,
+                           async_save=tc.async_checkpoints)
+  shardings = diffusion_stage.state_shardings(config, mesh)
   latest = ckpts.latest_step() or 0
-  batch_fn = make_batch_fn(dataset, tc.batch_size, config.seed + 1)
+  pipeline = make_pipeline(config, dataset, tc.batch_size, config.seed + 1, mesh, "train.batch_size")
   if latest:
-    state = ckpts.restore(jax.eval_shape(create, rng))
+    state = _resume(ckpts, parallel.with_shardings(diffusion_stage.abstract_state(config), shardings), pipeline,
+                    "diffusion")
   else:
-    state = create(rng)
-    state = state.replace(scale_factor=diffusion_stage.compute_scale_factor(computation_config(config), ae_params,
-                                                                            batch_fn(0)))
-    _say(f"diffusion: scale_factor = {float(state.scale_factor):.5f} (1/std of the first batch's latents)")
+    state = diffusion_stage.create_sharded_state(config, rng, mesh)
+    scale = diffusion_stage.compute_scale_factor(computation_config(config), ae_params, pipeline.batch_at(0))
+    state = state.replace(scale_factor=jax.device_put(scale, shardings.scale_factor))
+    _say(f"diffusion: scale_factor = {float(jax.device_get(scale)):.5f} (1/std of the first batch's latents)")
   if latest >= tc.num_steps:
     _say(f"diffusion: finished at step {latest}; skipping.")
     ckpts.close()
     return state, False
-  train_step = diffusion_stage.make_train_step(config)
-  step_fn = lambda s, images, key: train_step(s, images, ae_params, key)
 
   def evaluate_during_training(step: int, s: diffusion_stage.DiffusionState) -> None:
-    if step < tc.num_steps and jax.process_index() == 0:  # the final evaluation uses the full metric set
+    if step < tc.num_steps:  # the final evaluation uses the full metric set
       # Code tables are kept for the final evaluation only (480,000 x 20 floats = 38 MB each).
       scores, _ = evaluate_run(config, s, dataset, workdir, step, metrics=config.eval.train_metrics, progress=False,
                                save_codes=False)
-      writer.scalars(step, scores, "eval")
+      writer.scalars(step, {**scores, **writer.progress("diffusion", step)}, "eval")
+
+  host_ae_params = parallel.fetch_to_host(ae_params, mesh)
 
   def figures_during_training(step: int, s: diffusion_stage.DiffusionState) -> None:
-    if step < tc.num_steps and jax.process_index() == 0:
-      visualize.write_run_figures(config, workdir, dataset, s, ae_params, jax.random.fold_in(rng, step),
+    if step < tc.num_steps:
+      visualize.write_run_figures(config, workdir, dataset, s, host_ae_params, jax.random.fold_in(rng, step),
                                   writer=writer, light=True)
 
-  state = run_loop(stage="diffusion", state=state, start_step=latest, num_steps=tc.num_steps, step_fn=step_fn,
-                   batch_fn=batch_fn, rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer,
-                   log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size,
-                   hooks=[(config.eval.every, evaluate_during_training), (tc.figure_every, figures_during_training)])
+  train_step = diffusion_stage.make_train_step(config, mesh)
+  state = run_loop(stage="diffusion", state=state, num_steps=tc.num_steps,
+                   step_fn=lambda s, images, key: train_step(s, images, ae_params, key), batches=pipeline,
+                   rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer, log_every=tc.log_every,
+                   checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size, on_nonfinite=tc.on_nonfinite,
+                   hooks=[(config.eval.every, _on_main_host(evaluate_during_training, mesh)),
+                          (tc.figure_every, _on_main_host(figures_during_training, mesh))])
   ckpts.close()
   return state, True
 
@@ -141,8 +173,7 @@ def restore_diffusion_state(config, workdir: str, step: int | None = None) -> di
                             "first (experiments/train.py) or pass the right --workdir.")
   if step is not None and step not in steps:
     raise FileNotFoundError(f"No diffusion checkpoint at step {step} in {workdir}; available steps: {steps}.")
-  create = functools.partial(diffusion_stage.create_diffusion_state, config)
-  state = ckpts.restore(jax.eval_shape(create, jax.random.PRNGKey(0)), step)
+  state = ckpts.restore(diffusion_stage.abstract_state(config), step)
   ckpts.close()
   return state
 
@@ -170,21 +201,27 @@ def write_final_figures(config, workdir: str, dataset, state, ae_params: Any, rn
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.DiffusionState | None:
+  """Runs config.stages on the config's mesh; returns the diffusion state (on the host) or None."""
   validate_config(config)
   is_main = jax.process_index() == 0
   check_or_write_config(config, workdir, write=is_main)
   dataset = load_dataset(config)
+  mesh = parallel.make_mesh(config.mesh)
+  _say(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} device(s), "
+       f"{jax.process_count()} process(es)")
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.PRNGKey(config.seed)
-  ae_params = _first_stage_params(config, workdir, dataset, writer, jax.random.fold_in(rng, 10))
+  ae_params = _first_stage_params(config, workdir, dataset, writer, jax.random.fold_in(rng, 10), mesh)
   state, trained = None, True
   if "diffusion" in config.stages:
-    state, trained = _diffusion_stage(config, workdir, dataset, ae_params, writer, jax.random.fold_in(rng, 20))
+    state, trained = _diffusion_stage(config, workdir, dataset, ae_params, writer, jax.random.fold_in(rng, 20), mesh)
+  # Evaluation and figures run on process 0 from host copies (gathering is collective: every process joins).
+  state, ae_params = parallel.fetch_to_host((state, ae_params), mesh)
   if state is not None and config.eval.final and is_main:
     final_path = os.path.join(workdir, "eval", f"metrics_{int(state.step)}.json")
     if trained or not os.path.exists(final_path):
       scores, _ = evaluate_run(config, state, dataset, workdir, int(state.step))
-      writer.scalars(int(state.step), scores, "eval")
+      writer.scalars(int(state.step), {**scores, **writer.progress("diffusion", int(state.step))}, "eval")
       _say(f"evaluation at step {int(state.step)}:\n{format_table(scores)}")
   figures_exist = os.path.exists(os.path.join(workdir, "figures", "reconstructions.png"))
   if is_main and (trained or not figures_exist):

@@ -16,7 +16,9 @@ from concept_diffusion.diffusion import SCHEDULES
 RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.figure_every",
     "first_stage.num_steps", "first_stage.log_every", "first_stage.checkpoint_every",
-    "sample.", "eval.", "stages", "name",
+    "sample.", "eval.", "stages", "name", "train.async_checkpoints", "train.on_nonfinite", "mesh.", "distributed.",
+    "data.tfds_data_dir", "data.manual_dir", "data.loader_threads", "data.prefetch_batches",
+    "baseline.num_steps", "baseline.log_every", "baseline.checkpoint_every",
 )
 
 
@@ -46,10 +48,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
       (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
+      (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
       (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
        "stages must be a non-empty subset of ('first_stage', 'diffusion')"),
       (config.train.batch_size > 0 and config.first_stage.batch_size > 0, "batch sizes must be positive"),
       (config.encoder.num_tokens > 0 and config.encoder.token_dim > 0, "encoder.num_tokens/token_dim must be > 0"),
+      (config.unet.conditioning in ("cross_attention", "adagn"), "unet.conditioning must be 'cross_attention' or "
+       "'adagn'"),
+      (config.baseline.kind in ("", "beta_vae", "beta_tcvae"), "baseline.kind must be '', 'beta_vae' or "
+       "'beta_tcvae'"),
+      (config.baseline.batch_size > 0 and config.baseline.latent_dim > 0 and config.baseline.beta >= 0,
+       "baseline.batch_size and baseline.latent_dim must be > 0 and baseline.beta >= 0"),
+      # The disentanglement_lib encoder halves the image four times and its decoder doubles it back.
+      (not config.baseline.kind or config.data.image_size % 16 == 0,
+       "a baseline needs data.image_size divisible by 16 (four stride-2 convolutions)"),
   ]
   for ok, message in checks:
     if not ok:
@@ -95,7 +107,8 @@ def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, write
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
-    new, old = _flatten(current), _flatten(saved)
+    # A field added to the schema after the run started counts as its default, so old workdirs still resume.
+    new, old = _flatten(current), {**_flatten(config_to_dict(defaults.get_base_config())), **_flatten(saved)}
     diffs = sorted(k for k in set(new) | set(old) if not _is_resumable(k) and new.get(k) != old.get(k))
     if diffs:
       lines = "\n".join(f"  {k}: workdir has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs[:20])
