@@ -21,6 +21,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.channels = 3
   config.data.tfds_data_dir = ""  # for TFDS-backed datasets (local path or gs://)
   config.data.manual_dir = ""  # for datasets read from the official download files
+  # Real datasets (README "Data"): "files" reads the official downloads in manual_dir, "tfds" a prepared TFDS
+  # dataset in tfds_data_dir (python -m concept_diffusion.data.prepare), "auto" = tfds if tfds_data_dir is set.
+  config.data.source = "auto"
+  # Where compressed downloads are converted once to memory-mapped .npy, and where the canonical order of TFDS
+  # records is cached; "" = beside the data (manual_dir, or the TFDS dataset's folder; ~/.cache for gs://).
+  config.data.cache_dir = ""
+  # () = the dataset's official factor sizes; otherwise the sizes the data must have, e.g. MPI3D real_complex
+  # (4, 4, 2, 3, 3, 40, 40) read as data.name=mpi3d_real. Data with other sizes is an error, never reshaped.
+  config.data.factor_sizes = ()
+  config.data.loader_threads = 4  # grain threads that read/decode this process's share of each batch
+  config.data.prefetch_batches = 8  # batches read ahead of the train step (>= loader_threads keeps them busy)
 
   # First stage: VQ-reg autoencoder, f=4 (configs/autoencoder/shapes3d_vq_4_16.yaml).
   fs = config.first_stage = ml_collections.ConfigDict()
@@ -76,6 +87,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   unet.use_scale_shift_norm = True
   unet.resblock_updown = True
   unet.norm_groups = 32
+  # How the tokens reach the UNet. cross_attention: keys/values of every SpatialTransformer (official, the paper's
+  # model). adagn: the paper's Table 3 ablation "EncDiff w/ AdaGN" -- tokens concatenated into one vector that scales
+  # each ResBlock's normalised features as Diff-AE's AdaGN does; the transformers keep self-attention + MLP only.
+  unet.conditioning = "cross_attention"
 
   diff = config.diffusion = ml_collections.ConfigDict()
   diff.timesteps = 1000
@@ -98,6 +113,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 2_000
   train.figure_every = 10_000  # swap grid + reconstructions to W/figures and TensorBoard (official: every 10k)
   train.keep_checkpoints = 3
+  train.async_checkpoints = True  # Orbax writes in a background thread; training goes on meanwhile
+  # A non-finite loss or gradient never reaches the state (the update is dropped inside the step). "stop": end
+  # the run with a message naming the step (the last good checkpoint is untouched); "skip": go on and count it.
+  train.on_nonfinite = "stop"
+
+  # Device mesh (concept_diffusion/parallel.py): the global batch is split over data x fsdp devices; parameters,
+  # EMA and optimiser state are replicated (fsdp=1) or sharded over fsdp along their largest divisible dimension.
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by fsdp
+  mesh.fsdp = 1
+  mesh.fsdp_min_size = 2 ** 14  # arrays with fewer elements stay replicated (sharding them costs more than it saves)
+
+  # Multi-process JAX (TPU pods, multi-node GPU): see README "Running on Cloud TPU" and "Multi-GPU / SLURM".
+  dist = config.distributed = ml_collections.ConfigDict()
+  dist.initialize = "auto"  # auto: when the environment is a TPU pod, a SLURM job or sets JAX_COORDINATOR_ADDRESS
+  dist.coordinator_address = ""  # host:port of process 0, for clusters JAX cannot detect
+  dist.num_processes = 0
+  dist.process_id = -1
 
   ev = config.eval = ml_collections.ConfigDict()
   ev.every = 3_750  # diffusion steps between evaluations; official: every epoch (Shapes3D 480k/128); 0 = off
@@ -111,4 +144,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   sample.ddim_steps = 200  # log_images / recon_metrics
   sample.eta = 1.0
   sample.num_images = 8
+  sample.final_figures = True  # write every figure (swap grid, attention maps, ...) when training finishes
+
+  # Baselines (concept_diffusion/baselines): disentanglement_lib's VAEs instead of EncDiff, trained by the same
+  # experiments/train.py on the same data order, checkpoints, metrics.jsonl and evaluation (eval.*). Values are
+  # disentanglement_lib's unsupervised_study_v1 (model_configs/shared.gin, sweep.py). The sections above that
+  # describe EncDiff (first_stage, encoder, unet, diffusion, train) are ignored by a baseline run.
+  bl = config.baseline = ml_collections.ConfigDict()
+  bl.kind = ""  # "" (EncDiff) | beta_vae | beta_tcvae
+  # beta_vae: weight of the KL (study sweep 1, 2, 4, 6, 8, 16); beta_tcvae: the TC term gets weight beta - 1
+  # (sweep 1, 2, 4, 6, 8, 10). Configs set it per model (configs/baseline_*.py).
+  bl.beta = 4.0
+  bl.latent_dim = 10  # encoder.num_latent
+  bl.batch_size = 64
+  bl.lr = 1e-4  # Adam, no weight decay, no schedule
+  bl.b1 = 0.9
+  bl.b2 = 0.999
+  bl.eps = 1e-8
+  bl.num_steps = 300_000  # model.training_steps
+  bl.log_every = 100
+  bl.checkpoint_every = 5_000
   return config

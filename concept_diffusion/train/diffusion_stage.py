@@ -130,8 +130,16 @@ def state_shardings(config, mesh: Mesh) -> DiffusionState:
   return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_create(frozen_config, mesh: Mesh, fsdp_min_size: int) -> Callable:
+  shardings = parallel.state_shardings(abstract_state(frozen_config), mesh, fsdp_min_size)
+  return jax.jit(functools.partial(create_diffusion_state, frozen_config), out_shardings=shardings)
+
+
 def create_sharded_state(config, rng: jax.Array, mesh: Mesh) -> DiffusionState:
-  return sharded.create_sharded(functools.partial(create_diffusion_state, config), rng, state_shardings(config, mesh))
+  """A fresh state initialised directly into its shardings (every process computes the same values)."""
+  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
+  return _jitted_create(computation_config(config), mesh, config.mesh.fsdp_min_size)(rng)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,6 +1,7 @@
 """The training loop shared by both stages: progress bar, logging, checkpoints, preemption, NaN guard."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -15,6 +16,10 @@ from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.train.writer import MetricWriter
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
+
+# Fault injection for tests/test_parallel.py: SIGKILL the process right after the save of this step started
+# (the asynchronous write is then still in flight).
+KILL_AFTER_SAVE_ENV = "CONCEPT_DIFFUSION_TEST_KILL_AFTER_SAVE"
 
 
 class Preempted(Exception):
@@ -121,6 +126,8 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
         bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
       if save_due or preempted:
         ckpts.save(done, state, batches.get_state(), force=True)
+        if os.environ.get(KILL_AFTER_SAVE_ENV) == str(done):
+          os.kill(os.getpid(), signal.SIGKILL)
       if preempted and done < num_steps:
         bar.close()
         ckpts.wait()

@@ -224,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.Di
       writer.scalars(int(state.step), {**scores, **writer.progress("diffusion", int(state.step))}, "eval")
       _say(f"evaluation at step {int(state.step)}:\n{format_table(scores)}")
   figures_exist = os.path.exists(os.path.join(workdir, "figures", "reconstructions.png"))
-  if is_main and (trained or not figures_exist):
+  if is_main and config.sample.final_figures and (trained or not figures_exist):
     for path in write_final_figures(config, workdir, dataset, state, ae_params, jax.random.fold_in(rng, 30), writer):
       _say(f"wrote {path}")
   writer.close()

@@ -17,7 +17,8 @@ RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.figure_every",
     "first_stage.num_steps", "first_stage.log_every", "first_stage.checkpoint_every",
     "sample.", "eval.", "stages", "name", "train.async_checkpoints", "train.on_nonfinite", "mesh.", "distributed.",
-    "data.tfds_data_dir", "data.manual_dir", "data.loader_threads", "data.prefetch_batches",
+    "data.tfds_data_dir", "data.manual_dir", "data.loader_threads", "data.prefetch_batches", "data.cache_dir",
+    "data.source",
     "baseline.num_steps", "baseline.log_every", "baseline.checkpoint_every",
 )
 

@@ -31,6 +31,18 @@ class MetricWriter:
     for key, value in values.items():
       self._tb.add_scalar(f"{stage}/{key}", float(value), int(step))
 
+  def progress(self, stage: str, step: int) -> dict[str, float]:
+    """{"wall_s", "images_seen"} of `stage`'s training record at `step` ({} if there is none).
+
+    The loop logs at every checkpoint and hook step, so an evaluation at `step` can carry how long the stage had
+    trained and on how many images; a resumed run continues its clock from here.
+    """
+    found = {}
+    for record in read_metrics(os.path.dirname(self._jsonl)):  # the last record wins: a resume may re-log a step
+      if record.get("stage") == stage and record.get("step") == step and "wall_s" in record:
+        found = {k: record[k] for k in ("wall_s", "images_seen") if k in record}
+    return found
+
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """image: (H, W, 3) uint8."""
     if self.enabled:

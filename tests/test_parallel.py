@@ -1,0 +1,367 @@
+"""Scale-out and survival: meshes, multi-process, exact resume after SIGKILL, preemption, NaN guard, pipeline.
+
+Multi-device behaviour runs in subprocesses on 8 fake CPU devices (XLA_FLAGS); the subprocesses share a
+persistent compilation cache so that runs of the same config compile once.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion import data as data_lib
+from concept_diffusion import parallel
+from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.data.pipeline import InputPipeline
+from concept_diffusion.train import diffusion_stage, loop
+from concept_diffusion.train.workdir import load_config
+from concept_diffusion.train.writer import MetricWriter
+from configs import smoke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
+
+# Pixel-space EncDiff with one UNet level on procedural Shapes at 16x16: the smallest real training run.
+PIXEL_CONFIG = textwrap.dedent("""
+    from configs import smoke
+
+    def get_config():
+      config = smoke.get_config()
+      config.first_stage.kind = "none"
+      config.stages = ("diffusion",)
+      config.unet.channel_mult = (1,)
+      config.unet.attention_resolutions = (1,)
+      config.encoder.width = 8
+      config.train.batch_size = 8
+      config.train.num_steps = 6
+      config.train.log_every = 2
+      config.train.checkpoint_every = 2
+      config.sample.final_figures = False
+      config.mesh.fsdp_min_size = 64
+      return config
+""")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _env(cache_dir, devices, **extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(extra)
+  return env
+
+
+@pytest.fixture(scope="module")
+def pixel_config_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp("configs") / "pixel_smoke.py"
+  path.write_text(PIXEL_CONFIG)
+  return str(path)
+
+
+def _train_cmd(config_path, workdir, *flags):
+  return [sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={config_path}",
+          f"--workdir={workdir}", *flags]
+
+
+def _train(config_path, workdir, env, *flags, timeout=900):
+  proc = subprocess.run(_train_cmd(config_path, workdir, *flags), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  return proc
+
+
+def _final_state(workdir, step=None):
+  config = load_config(workdir)
+  ckpts = StageCheckpoints(os.path.join(workdir, "diffusion"))
+  state = ckpts.restore(diffusion_stage.abstract_state(config), step)
+  data_state = ckpts.restore_data_state(step or ckpts.latest_step())
+  ckpts.close()
+  return jax.device_get(state), data_state
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --- unit: mesh shape, sharding rule, batch checks ---------------------------------------------------------------
+
+def test_mesh_shape_resolves_minus_one_and_rejects_what_does_not_fit():
+  cfg = lambda d, f: types.SimpleNamespace(data=d, fsdp=f)
+  assert parallel.mesh_shape(cfg(-1, 1), 8) == (8, 1)
+  assert parallel.mesh_shape(cfg(-1, 4), 8) == (2, 4)
+  assert parallel.mesh_shape(cfg(2, -1), 8) == (2, 4)
+  with pytest.raises(ValueError, match="both be -1"):
+    parallel.mesh_shape(cfg(-1, -1), 8)
+  with pytest.raises(ValueError, match="cannot be split into groups of 3"):
+    parallel.mesh_shape(cfg(-1, 3), 8)
+  with pytest.raises(ValueError, match="JAX sees 8 devices"):
+    parallel.mesh_shape(cfg(2, 2), 8)
+  with pytest.raises(ValueError, match="positive number"):
+    parallel.mesh_shape(cfg(0, 1), 8)
+
+
+def test_fsdp_rule_shards_the_largest_divisible_dimension_and_replicates_small_arrays():
+  P = jax.sharding.PartitionSpec
+  assert parallel.param_spec((3, 3, 64, 128), 4, 100) == P(None, None, None, "fsdp")
+  assert parallel.param_spec((3, 3, 128, 6), 4, 100) == P(None, None, "fsdp", None)
+  assert parallel.param_spec((3, 3, 5, 7), 4, 10) == P()  # nothing divisible
+  assert parallel.param_spec((64,), 4, 100) == P()  # small
+  assert parallel.param_spec((512, 512), 1, 0) == P()  # no fsdp axis
+
+
+def test_batch_that_does_not_divide_over_devices_is_a_clear_error():
+  mesh = types.SimpleNamespace(size=8, shape={"data": 4, "fsdp": 2})
+  with pytest.raises(ValueError, match="train.batch_size=12 does not divide over the mesh's 8 devices"):
+    parallel.check_batch_size(12, mesh)
+  parallel.check_batch_size(16, mesh)
+
+
+# --- the same step on every mesh, and restore onto another mesh --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mesh_steps(tmp_path_factory, cache_dir):
+  out = str(tmp_path_factory.mktemp("steps") / "steps.npz")
+  proc = subprocess.run([sys.executable, WORKER, "steps", out], cwd=REPO, env=_env(cache_dir, 8),
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return dict(np.load(out))
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4", "1x8"])
+@pytest.mark.parametrize("stage", ["first_stage", "diffusion"])
+def test_one_step_gives_the_same_loss_and_parameters_on_every_mesh(mesh_steps, mesh, stage):
+  reference = {k[len("1x1/"):]: v for k, v in mesh_steps.items() if k.startswith(f"1x1/{stage}/")}
+  assert len(reference) > 20
+  np.testing.assert_allclose(mesh_steps[f"{mesh}/{stage}/loss"], reference[f"{stage}/loss"], rtol=1e-6)
+  # Gradients (seen through Adam's moments) agree to fp32 round-off. Parameters after the first Adam step move by
+  # about lr * sign(g), so a round-off-sized gradient can move them by up to lr either way: the autoencoder's
+  # (lr 1.15e-3, no warm-up) get atol 1e-5, and its attention key biases, whose gradient is exactly zero in exact
+  # arithmetic (softmax ignores a constant added to every logit), are left out.
+  atol = 1e-5 if stage == "first_stage" else 2e-6
+  for key, value in reference.items():
+    if stage == "first_stage" and "ae_params" in key and "['k']['bias']" in key:
+      continue
+    np.testing.assert_allclose(mesh_steps[f"{mesh}/{key}"], value, rtol=2e-5, atol=atol, err_msg=f"{mesh} {key}")
+
+
+@pytest.mark.parametrize("mesh,fsdp", [("8x1", 1), ("4x2", 2), ("2x4", 4), ("1x8", 8)])
+def test_state_is_sharded_by_the_rule(mesh_steps, mesh, fsdp):
+  specs = [s for s in mesh_steps[f"{mesh}/specs"] if s]
+  assert mesh_steps[f"{mesh}/batch_sharding"][0] == str(jax.sharding.PartitionSpec(("data", "fsdp")))
+  if fsdp == 1:
+    assert not specs  # pure data parallelism: everything replicated
+  else:
+    assert len(specs) > 10 and all("'fsdp'" in s for s in specs)
+    # Optimiser moments follow their parameters: the same kernel is sharded in params and in mu.
+    assert any(".params['unet']" in s for s in specs) and any("mu" in s for s in specs)
+
+
+def test_restore_onto_a_different_mesh_and_onto_one_device(tmp_path, cache_dir):
+  out = str(tmp_path / "remesh.npz")
+  proc = subprocess.run([sys.executable, WORKER, "remesh", str(tmp_path / "ckpt"), out], cwd=REPO,
+                        env=_env(cache_dir, 8), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = dict(np.load(out))
+  assert len([s for s in r["saved/specs"] if s]) > 10  # saved FSDP-sharded on (2,4)
+  saved = {k[len("saved/"):]: v for k, v in r.items() if k.startswith("saved/") and k != "saved/specs"}
+  for name in ("8x1", "1x8", "single"):
+    for key, value in saved.items():
+      np.testing.assert_array_equal(r[f"{name}/{key}"], value, err_msg=f"{name} {key}")
+  assert int(r["8x1/num_devices"]) == 8 and not [s for s in r["8x1/specs"] if s]  # replicated over 8
+  assert len([s for s in r["1x8/specs"] if s]) > 10
+  assert int(r["single/num_devices"]) == 1
+  assert int(r["data_state"]) == 1
+
+
+# --- multi-process -----------------------------------------------------------------------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path, cache_dir, pixel_config_path):
+  single = str(tmp_path / "single")
+  proc = _train(pixel_config_path, single, _env(cache_dir, 8))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_cmd(pixel_config_path, multi, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+      cwd=REPO, env=_env(cache_dir, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "mesh: {'data': 8, 'fsdp': 1} over 8 cpu device(s), 2 process(es)" in outputs[0][0]
+  a, _ = _final_state(single)
+  b, _ = _final_state(multi)
+  assert int(a.step) == int(b.step) == 6
+  la, lb = _leaves(a), _leaves(b)
+  for key in la:
+    np.testing.assert_allclose(lb[key], la[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  # Only process 0 writes logs: one record per log step.
+  with open(os.path.join(multi, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f if json.loads(line)["stage"] == "diffusion"]
+  assert steps == [2, 4, 6]
+
+
+# --- exact resume after SIGKILL, also during an asynchronous save; preemption -----------------------------------
+
+def test_sigkill_during_an_async_save_then_resume_is_bitwise_identical(tmp_path, cache_dir, pixel_config_path):
+  env = _env(cache_dir, 1)
+  straight = str(tmp_path / "straight")
+  proc = _train(pixel_config_path, straight, env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  killed = str(tmp_path / "killed")
+  proc = _train(pixel_config_path, killed, dict(env, **{loop.KILL_AFTER_SAVE_ENV: "4"}))
+  assert proc.returncode == -signal.SIGKILL
+  ckpts = StageCheckpoints(os.path.join(killed, "diffusion"))
+  survived = ckpts.latest_step()
+  ckpts.close()
+  assert survived in (2, 4)  # step 4's write may or may not have finished; step 2 is intact either way
+  _, data_state = _final_state(killed)
+  assert data_state == {"next_index": survived}
+  proc = _train(pixel_config_path, killed, env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  a, _ = _final_state(straight)
+  b, data_state = _final_state(killed)
+  assert data_state == {"next_index": 6}
+  la, lb = _leaves(a), _leaves(b)
+  assert la.keys() == lb.keys()
+  for key in la:
+    np.testing.assert_array_equal(lb[key], la[key], err_msg=key)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path, cache_dir, pixel_config_path):
+  workdir = str(tmp_path / "preempted")
+  proc = subprocess.Popen(_train_cmd(pixel_config_path, workdir, "--config.train.num_steps=100000",
+                                     "--config.train.checkpoint_every=50000"),
+                          cwd=REPO, env=_env(cache_dir, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted; saved step" in err
+  state, data_state = _final_state(workdir)
+  assert 2 <= int(state.step) < 100000
+  assert data_state == {"next_index": int(state.step)}
+
+
+# --- the non-finite guard ----------------------------------------------------------------------------------------
+
+def _pixel_config():
+  namespace = {}
+  exec(PIXEL_CONFIG, namespace)  # pylint: disable=exec-used
+  config = namespace["get_config"]()
+  config.data.name = "tiny_blocks"
+  return config
+
+
+class _Batches:
+  """Batches of one fixed image set; NaN images at the given (0-based) steps."""
+
+  def __init__(self, images, nan_steps):
+    self.images, self.nan_steps, self.step = images, nan_steps, 0
+
+  def __next__(self):
+    images = self.images * np.nan if self.step in self.nan_steps else self.images
+    self.step += 1
+    return jnp.asarray(images)
+
+  def get_state(self):
+    return {"next_index": self.step}
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_is_never_applied_and_stops_or_is_counted(tmp_path, mode):
+  config = _pixel_config()
+  mesh = parallel.make_mesh(config.mesh)
+  images = data_lib.get_dataset(config.data).images(np.arange(8))
+  step_fn = diffusion_stage.make_train_step(config, mesh)
+  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  ckpts = StageCheckpoints(str(tmp_path / "diffusion"))
+  writer = MetricWriter(str(tmp_path), enabled=True)
+  kwargs = dict(stage="diffusion", num_steps=6, step_fn=lambda s, x, k: step_fn(s, x, None, k),
+                batches=_Batches(images, {2}), rng=jax.random.PRNGKey(1), ckpts=ckpts, writer=writer, log_every=2,
+                checkpoint_every=2, batch_size=8, on_nonfinite=mode)
+  if mode == "stop":
+    with pytest.raises(FloatingPointError, match=r"loss.* at step 3; .*Last good checkpoint: step 2"):
+      loop.run_loop(state=state, **kwargs)
+    ckpts.wait()
+    assert ckpts.all_steps() == [2]
+    saved = ckpts.restore(diffusion_stage.abstract_state(config))
+    assert int(saved.nonfinite_steps) == 0
+  else:
+    final = loop.run_loop(state=state, **kwargs)
+    assert int(final.step) == 6 and int(final.nonfinite_steps) == 1
+    assert all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(jax.device_get(final.params)))
+    with open(tmp_path / "metrics.jsonl") as f:
+      records = [json.loads(line) for line in f]
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]
+    assert all(np.isfinite(r["loss"]) for r in records)
+  ckpts.close()
+
+
+def test_a_nan_step_leaves_the_state_as_it_was():
+  config = _pixel_config()
+  mesh = parallel.make_mesh(config.mesh)
+  step_fn = diffusion_stage.make_train_step(config, mesh)
+  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  before = jax.device_get(state)
+  after, metrics = step_fn(state, jnp.full((8, 16, 16, 3), jnp.nan), None, jax.random.PRNGKey(1))
+  after = jax.device_get(after)
+  assert int(metrics["nonfinite"]) == 1 and int(after.step) == 1 and int(after.nonfinite_steps) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(after.params), jax.tree_util.tree_leaves(before.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+# --- the input pipeline ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny_blocks", "procedural_shapes"])
+def test_pipeline_state_resumes_with_exactly_the_next_batch(name):
+  config = smoke.get_config()
+  config.data.name = name
+  dataset = data_lib.get_dataset(config.data)
+  mesh = parallel.make_mesh(config.mesh)
+  first = InputPipeline(dataset, 8, seed=3, mesh=mesh, loader_threads=2, prefetch_batches=3)
+  seen = [np.asarray(next(first)) for _ in range(9)]  # past the first epoch of tiny_blocks (60 images)
+  state = first.get_state()
+  assert state == {"next_index": 9}
+  resumed = InputPipeline(dataset, 8, seed=3, mesh=mesh, loader_threads=2, prefetch_batches=3)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.asarray(next(resumed)), np.asarray(next(first)))
+  np.testing.assert_array_equal(np.asarray(first.batch_at(4)), seen[4])
+  np.testing.assert_array_equal(seen[4], dataset.images(first.indices(4)))
+  assert not np.array_equal(seen[0], seen[1])
+  with pytest.raises(ValueError, match="next_index"):
+    resumed.set_state({"step": 3})
+
+
+def test_pipeline_epochs_are_permutations_of_the_whole_dataset():
+  config = smoke.get_config()
+  config.data.name = "tiny_blocks"
+  dataset = data_lib.get_dataset(config.data)
+  pipeline = InputPipeline(dataset, 6, seed=0, mesh=parallel.make_mesh(config.mesh), loader_threads=0,
+                           prefetch_batches=0)
+  epoch = np.concatenate([pipeline.indices(s) for s in range(10)])
+  assert sorted(epoch) == list(range(60))
+  assert not np.array_equal(np.concatenate([pipeline.indices(s) for s in range(10, 20)]), epoch)
+  np.testing.assert_array_equal(parallel.process_rows(pipeline.sharding, 6), np.arange(6))
