@@ -27,10 +27,15 @@ setup(
         "safetensors>=0.4.3,<1",
         "grain>=0.2.2,<0.3",
         "tensorflow-datasets>=4.9.6,<4.10",
+        # TFDS 4.9.x needs it to build datasets on Python >= 3.9 too (dataset_builder.code_path), but declares it
+        # only for Python < 3.9.
+        "importlib_resources>=5.10,<8",
+        "h5py>=3.10,<4",  # Shapes3D's official 3dshapes.h5
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
-        # TensorFlow only to *prepare* TFDS datasets; never needed for training or tests of the default path.
+        # TensorFlow only to *prepare* TFDS's own shapes3d / dsprites builders (they encode PNGs with it); reading
+        # TFDS data, preparing mpi3d / cars3d (concept_diffusion.data.prepare), training and the tests need none.
         "tfds": ["tensorflow>=2.16,<2.22"],
         # Only to read/write official PyTorch Lightning .ckpt files (concept_diffusion.interop).
         "torch": ["torch>=2.3,<2.14"],

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from concept_diffusion.data.base import GroundTruthDataset, validate_image_size
+from concept_diffusion.data.catalog import SPECS as STORED_DATASETS
+from concept_diffusion.data.dsprites import ProceduralDSprites
 from concept_diffusion.data.shapes import ProceduralShapes3D
 
 DatasetBuilder = Callable[[Any], GroundTruthDataset]
@@ -51,7 +53,28 @@ def _build_procedural_shapes(data_config: Any) -> GroundTruthDataset:
   return ProceduralShapes3D(image_size=_field(data_config, "image_size"))
 
 
-register_dataset("procedural_shapes", _build_procedural_shapes)
+def _build_procedural_dsprites(data_config: Any) -> GroundTruthDataset:
+  return ProceduralDSprites(image_size=_field(data_config, "image_size"))
 
-__all__ = ["GroundTruthDataset", "ProceduralShapes3D", "get_dataset", "known_datasets", "register_dataset",
-           "validate_image_size"]
+
+def _stored_builder(name: str) -> DatasetBuilder:
+  """Builder of a real dataset; its readers (h5py, scipy, tfds) are imported only when it is built."""
+
+  def build(data_config: Any) -> GroundTruthDataset:
+    from concept_diffusion.data.stored import build_stored  # pylint: disable=g-import-not-at-top
+    return build_stored(name, image_size=_field(data_config, "image_size"),
+                        source=_field(data_config, "source", "auto"), manual_dir=_field(data_config, "manual_dir", ""),
+                        tfds_data_dir=_field(data_config, "tfds_data_dir", ""),
+                        cache_dir=_field(data_config, "cache_dir", ""),
+                        factor_sizes=tuple(_field(data_config, "factor_sizes", ()) or ()))
+
+  return build
+
+
+register_dataset("procedural_shapes", _build_procedural_shapes)
+register_dataset("procedural_dsprites", _build_procedural_dsprites)
+for _name in STORED_DATASETS:
+  register_dataset(_name, _stored_builder(_name))
+
+__all__ = ["GroundTruthDataset", "ProceduralDSprites", "ProceduralShapes3D", "STORED_DATASETS", "get_dataset",
+           "known_datasets", "register_dataset", "validate_image_size"]

@@ -12,6 +12,7 @@ import math
 from typing import Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 RandomState = Union[np.random.RandomState, np.random.Generator, int, None]
@@ -28,6 +29,16 @@ def validate_image_size(image_size: object) -> int:
     raise ValueError(f"data.image_size must be a positive int <= {MAX_IMAGE_SIZE} and a multiple of "
                      f"{IMAGE_SIZE_MULTIPLE} (e.g. 16, 32, 64), got {image_size!r}.")
   return int(image_size)
+
+
+def unravel_jax(indices: jax.Array, factor_sizes: tuple[int, ...]) -> jax.Array:
+  """Row-major index -> factor tuple (n, num_factors) int32 in jnp: `index_to_factors` for traced indices."""
+  factors = []
+  remainder = jnp.asarray(indices).astype(jnp.int32)
+  for size in reversed(factor_sizes):
+    factors.append(remainder % size)
+    remainder = remainder // size
+  return jnp.stack(factors[::-1], axis=-1)
 
 
 def _as_rng(random_state: RandomState) -> Union[np.random.RandomState, np.random.Generator]:

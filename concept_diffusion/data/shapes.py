@@ -221,12 +221,7 @@ def render(factors: jax.Array, image_size: int = 64) -> jax.Array:
 
 def _unravel(indices: jax.Array) -> jax.Array:
   """Row-major index -> factor tuple in jnp, the same mapping as base.GroundTruthDataset.index_to_factors."""
-  factors = []
-  remainder = indices.astype(jnp.int32)
-  for size in reversed(FACTOR_SIZES):
-    factors.append(remainder % size)
-    remainder = remainder // size
-  return jnp.stack(factors[::-1], axis=-1)
+  return base.unravel_jax(indices, FACTOR_SIZES)
 
 
 class ProceduralShapes3D(base.GroundTruthDataset):
