@@ -11,6 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from concept_diffusion import data as data_lib  # noqa: E402
 
@@ -35,3 +36,18 @@ class TinyBlocks(data_lib.GroundTruthDataset):
 
 if "tiny_blocks" not in data_lib.known_datasets():
   data_lib.register_dataset("tiny_blocks", lambda data_config: TinyBlocks())
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent JAX compilation cache shared by a module's subprocesses (same config: one compile)."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def subprocess_env(cache_dir: str, devices: int, **extra: str) -> dict:
+  """Environment for a JAX subprocess on `devices` fake CPU devices using the compilation cache `cache_dir`."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(extra)
+  return env

@@ -1,7 +1,7 @@
-"""Scale-out and survival: meshes, multi-process, exact resume after SIGKILL, preemption, NaN guard, pipeline.
+"""Surviving at scale: multi-process training, exact resume after SIGKILL, preemption, NaN guard, the pipeline.
 
-Multi-device behaviour runs in subprocesses on 8 fake CPU devices (XLA_FLAGS); the subprocesses share a
-persistent compilation cache so that runs of the same config compile once.
+Training runs in subprocesses (experiments/train.py) that share a persistent compilation cache, so runs of the
+same config compile once. Meshes and sharding rules: tests/test_meshes.py.
 """
 import json
 import os
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +25,14 @@ from concept_diffusion.train import diffusion_stage, loop
 from concept_diffusion.train.workdir import load_config
 from concept_diffusion.train.writer import MetricWriter
 from configs import smoke
+from conftest import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
 
 # Pixel-space EncDiff with one UNet level on procedural Shapes at 16x16: the smallest real training run.
 PIXEL_CONFIG = textwrap.dedent("""
     from configs import smoke
+from conftest import subprocess_env
 
     def get_config():
       config = smoke.get_config()
@@ -49,19 +49,6 @@ PIXEL_CONFIG = textwrap.dedent("""
       config.mesh.fsdp_min_size = 64
       return config
 """)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def _env(cache_dir, devices, **extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.update(extra)
-  return env
 
 
 @pytest.fixture(scope="module")
@@ -95,96 +82,6 @@ def _leaves(tree):
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-# --- unit: mesh shape, sharding rule, batch checks ---------------------------------------------------------------
-
-def test_mesh_shape_resolves_minus_one_and_rejects_what_does_not_fit():
-  cfg = lambda d, f: types.SimpleNamespace(data=d, fsdp=f)
-  assert parallel.mesh_shape(cfg(-1, 1), 8) == (8, 1)
-  assert parallel.mesh_shape(cfg(-1, 4), 8) == (2, 4)
-  assert parallel.mesh_shape(cfg(2, -1), 8) == (2, 4)
-  with pytest.raises(ValueError, match="both be -1"):
-    parallel.mesh_shape(cfg(-1, -1), 8)
-  with pytest.raises(ValueError, match="cannot be split into groups of 3"):
-    parallel.mesh_shape(cfg(-1, 3), 8)
-  with pytest.raises(ValueError, match="JAX sees 8 devices"):
-    parallel.mesh_shape(cfg(2, 2), 8)
-  with pytest.raises(ValueError, match="positive number"):
-    parallel.mesh_shape(cfg(0, 1), 8)
-
-
-def test_fsdp_rule_shards_the_largest_divisible_dimension_and_replicates_small_arrays():
-  P = jax.sharding.PartitionSpec
-  assert parallel.param_spec((3, 3, 64, 128), 4, 100) == P(None, None, None, "fsdp")
-  assert parallel.param_spec((3, 3, 128, 6), 4, 100) == P(None, None, "fsdp", None)
-  assert parallel.param_spec((3, 3, 5, 7), 4, 10) == P()  # nothing divisible
-  assert parallel.param_spec((64,), 4, 100) == P()  # small
-  assert parallel.param_spec((512, 512), 1, 0) == P()  # no fsdp axis
-
-
-def test_batch_that_does_not_divide_over_devices_is_a_clear_error():
-  mesh = types.SimpleNamespace(size=8, shape={"data": 4, "fsdp": 2})
-  with pytest.raises(ValueError, match="train.batch_size=12 does not divide over the mesh's 8 devices"):
-    parallel.check_batch_size(12, mesh)
-  parallel.check_batch_size(16, mesh)
-
-
-# --- the same step on every mesh, and restore onto another mesh --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def mesh_steps(tmp_path_factory, cache_dir):
-  out = str(tmp_path_factory.mktemp("steps") / "steps.npz")
-  proc = subprocess.run([sys.executable, WORKER, "steps", out], cwd=REPO, env=_env(cache_dir, 8),
-                        capture_output=True, text=True, timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return dict(np.load(out))
-
-
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4", "1x8"])
-@pytest.mark.parametrize("stage", ["first_stage", "diffusion"])
-def test_one_step_gives_the_same_loss_and_parameters_on_every_mesh(mesh_steps, mesh, stage):
-  reference = {k[len("1x1/"):]: v for k, v in mesh_steps.items() if k.startswith(f"1x1/{stage}/")}
-  assert len(reference) > 20
-  np.testing.assert_allclose(mesh_steps[f"{mesh}/{stage}/loss"], reference[f"{stage}/loss"], rtol=1e-6)
-  # Gradients (seen through Adam's moments) agree to fp32 round-off. Parameters after the first Adam step move by
-  # about lr * sign(g), so a round-off-sized gradient can move them by up to lr either way: the autoencoder's
-  # (lr 1.15e-3, no warm-up) get atol 1e-5, and its attention key biases, whose gradient is exactly zero in exact
-  # arithmetic (softmax ignores a constant added to every logit), are left out.
-  atol = 1e-5 if stage == "first_stage" else 2e-6
-  for key, value in reference.items():
-    if stage == "first_stage" and "ae_params" in key and "['k']['bias']" in key:
-      continue
-    np.testing.assert_allclose(mesh_steps[f"{mesh}/{key}"], value, rtol=2e-5, atol=atol, err_msg=f"{mesh} {key}")
-
-
-@pytest.mark.parametrize("mesh,fsdp", [("8x1", 1), ("4x2", 2), ("2x4", 4), ("1x8", 8)])
-def test_state_is_sharded_by_the_rule(mesh_steps, mesh, fsdp):
-  specs = [s for s in mesh_steps[f"{mesh}/specs"] if s]
-  assert mesh_steps[f"{mesh}/batch_sharding"][0] == str(jax.sharding.PartitionSpec(("data", "fsdp")))
-  if fsdp == 1:
-    assert not specs  # pure data parallelism: everything replicated
-  else:
-    assert len(specs) > 10 and all("'fsdp'" in s for s in specs)
-    # Optimiser moments follow their parameters: the same kernel is sharded in params and in mu.
-    assert any(".params['unet']" in s for s in specs) and any("mu" in s for s in specs)
-
-
-def test_restore_onto_a_different_mesh_and_onto_one_device(tmp_path, cache_dir):
-  out = str(tmp_path / "remesh.npz")
-  proc = subprocess.run([sys.executable, WORKER, "remesh", str(tmp_path / "ckpt"), out], cwd=REPO,
-                        env=_env(cache_dir, 8), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = dict(np.load(out))
-  assert len([s for s in r["saved/specs"] if s]) > 10  # saved FSDP-sharded on (2,4)
-  saved = {k[len("saved/"):]: v for k, v in r.items() if k.startswith("saved/") and k != "saved/specs"}
-  for name in ("8x1", "1x8", "single"):
-    for key, value in saved.items():
-      np.testing.assert_array_equal(r[f"{name}/{key}"], value, err_msg=f"{name} {key}")
-  assert int(r["8x1/num_devices"]) == 8 and not [s for s in r["8x1/specs"] if s]  # replicated over 8
-  assert len([s for s in r["1x8/specs"] if s]) > 10
-  assert int(r["single/num_devices"]) == 1
-  assert int(r["data_state"]) == 1
-
-
 # --- multi-process -----------------------------------------------------------------------------------------------
 
 def _free_port():
@@ -195,14 +92,14 @@ def _free_port():
 
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path, cache_dir, pixel_config_path):
   single = str(tmp_path / "single")
-  proc = _train(pixel_config_path, single, _env(cache_dir, 8))
+  proc = _train(pixel_config_path, single, subprocess_env(cache_dir, 8))
   assert proc.returncode == 0, proc.stderr[-3000:]
   multi = str(tmp_path / "multi")
   port = _free_port()
   procs = [subprocess.Popen(
       _train_cmd(pixel_config_path, multi, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-      cwd=REPO, env=_env(cache_dir, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+      cwd=REPO, env=subprocess_env(cache_dir, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
   outputs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -222,7 +119,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path, cache
 # --- exact resume after SIGKILL, also during an asynchronous save; preemption -----------------------------------
 
 def test_sigkill_during_an_async_save_then_resume_is_bitwise_identical(tmp_path, cache_dir, pixel_config_path):
-  env = _env(cache_dir, 1)
+  env = subprocess_env(cache_dir, 1)
   straight = str(tmp_path / "straight")
   proc = _train(pixel_config_path, straight, env)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -250,7 +147,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path, cache_dir, pixe
   workdir = str(tmp_path / "preempted")
   proc = subprocess.Popen(_train_cmd(pixel_config_path, workdir, "--config.train.num_steps=100000",
                                      "--config.train.checkpoint_every=50000"),
-                          cwd=REPO, env=_env(cache_dir, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=REPO, env=subprocess_env(cache_dir, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 600
   while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.time() < deadline:
