@@ -91,6 +91,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # model). adagn: the paper's Table 3 ablation "EncDiff w/ AdaGN" -- tokens concatenated into one vector that scales
   # each ResBlock's normalised features as Diff-AE's AdaGN does; the transformers keep self-attention + MLP only.
   unet.conditioning = "cross_attention"
+  # How (never what) the UNet computes; README "Performance". auto: convolutions over maps of <= 4x4 and 1x1
+  # convolutions as matmuls on CPU (XLA:CPU's conv is 10-25x slower there), XLA's conv elsewhere | xla | matmul.
+  unet.conv_impl = "auto"
+  # Attention whose probabilities are not being captured. auto: einsum on CPU (normalises the small output, not
+  # the probabilities), xla elsewhere | xla / cudnn (jax.nn.dot_product_attention's implementations) | einsum.
+  unet.attention_impl = "auto"
+  unet.remat = False  # recompute ResBlock/SpatialTransformer activations in the backward pass: memory for compute
 
   diff = config.diffusion = ml_collections.ConfigDict()
   diff.timesteps = 1000

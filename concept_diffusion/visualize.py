@@ -217,15 +217,18 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
   if light:
     return written
 
-  side = attention_side or generate.attention_sides(frozen)[0]
   _, own_tokens = generate.encode(frozen, state, sources)
-  samples, maps = generate.sample_with_attention(frozen, state, ae_params, own_tokens, keys[1], steps=steps, eta=eta,
-                                                 side=side)
-  maps = np.asarray(maps)
-  big = np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2)
-  rows = [np.stack([big[i]] + [heat_overlay(big[i], maps[i, :, :, k] / max(maps[i].max(), 1e-8))
-                               for k in range(maps.shape[-1])]) for i in range(n)]
-  save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)]))
+  if config.unet.conditioning == "cross_attention":
+    side = attention_side or generate.attention_sides(frozen)[0]
+    samples, maps = generate.sample_with_attention(frozen, state, ae_params, own_tokens, keys[1], steps=steps,
+                                                   eta=eta, side=side)
+    maps = np.asarray(maps)
+    big = np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2)
+    rows = [np.stack([big[i]] + [heat_overlay(big[i], maps[i, :, :, k] / max(maps[i].max(), 1e-8))
+                                 for k in range(maps.shape[-1])]) for i in range(n)]
+    save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)]))
+  else:  # the AdaGN ablation has no cross-attention maps to draw
+    samples = generate.sample_from_tokens(frozen, state, ae_params, own_tokens, keys[1], steps=steps, eta=eta)
   save("samples.png", image_grid([to_u8(samples)], ["samples"], upscale=upscale))
 
   codes_paths = glob_codes(workdir)

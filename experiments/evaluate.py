@@ -16,7 +16,7 @@ cli.add_repo_root_to_path()
 from absl import flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments/train.py.")
-_STEP = flags.DEFINE_integer("step", None, "Diffusion checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: the config's eval.metrics). Known: beta_vae, "
                              "dci, mig, factor_vae, sap, modularity.")
 flags.mark_flags_as_required(["workdir"])
@@ -29,9 +29,15 @@ def main(argv):
   from concept_diffusion.train.run import load_dataset, restore_diffusion_state  # pylint: disable=g-import-not-at-top
   from concept_diffusion.train.workdir import load_config  # pylint: disable=g-import-not-at-top
   config = load_config(_WORKDIR.value)
-  state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
-  scores, _ = evaluate_run(config, state, load_dataset(config), _WORKDIR.value, int(state.step),
-                           metrics=_METRICS.value)
+  if config.baseline.kind:  # a VAE baseline: its code table is the posterior mean
+    from concept_diffusion.baselines import trainer  # pylint: disable=g-import-not-at-top
+    state = trainer.restore_baseline_state(config, _WORKDIR.value, _STEP.value)
+    scores, _ = trainer.evaluate_baseline(config, state, load_dataset(config), _WORKDIR.value, int(state.step),
+                                          metrics=_METRICS.value)
+  else:
+    state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
+    scores, _ = evaluate_run(config, state, load_dataset(config), _WORKDIR.value, int(state.step),
+                             metrics=_METRICS.value)
   print(f"{config.data.name} step {int(state.step)}")
   print(format_table(scores))
 

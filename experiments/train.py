@@ -35,9 +35,11 @@ def main(argv):
   config = _CONFIG.value
   # Before any other JAX call: multi-process start-up must precede backend initialisation.
   parallel.maybe_initialize_distributed(config.distributed)
-  from concept_diffusion.train.run import train  # pylint: disable=g-import-not-at-top
+  cli.enable_compilation_cache()  # a restart loads the compiled steps instead of compiling them again
   if config.baseline.kind:  # a VAE baseline (configs/baseline_*.py) instead of EncDiff
     from concept_diffusion.baselines.trainer import train_baseline as train  # pylint: disable=g-import-not-at-top
+  else:
+    from concept_diffusion.train.run import train  # pylint: disable=g-import-not-at-top
   try:
     train(config, _WORKDIR.value)
   except Preempted as e:

@@ -33,6 +33,9 @@ def main(argv):
   from concept_diffusion.train.workdir import load_config  # pylint: disable=g-import-not-at-top
   from concept_diffusion.train.writer import MetricWriter  # pylint: disable=g-import-not-at-top
   config = load_config(_WORKDIR.value)
+  if config.baseline.kind:
+    raise ValueError(f"{_WORKDIR.value} is a {config.baseline.kind} baseline run; visualize.py draws EncDiff's "
+                     "figures (swaps, attention, traversals). Its loss curves are in figures/loss_curves.png.")
   state = run.restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
   ae_params = run.restore_first_stage_params(config, _WORKDIR.value)
   writer = MetricWriter(_WORKDIR.value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,12 +29,17 @@ def encode_run(config, state, dataset: GroundTruthDataset, *, out_path: str | No
 
 def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step: int, *,
                  metrics: Sequence[str] | None = None, metric_kwargs: dict | None = None,
-                 progress: bool = True, save_codes: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
-  """Writes W/eval/metrics_<step>.json (and W/eval/codes_<step>.npy); returns (scores, extras)."""
+                 progress: bool = True, save_codes: bool = True,
+                 encode: Callable[..., np.ndarray] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+  """Writes W/eval/metrics_<step>.json (and W/eval/codes_<step>.npy); returns (scores, extras).
+
+  `encode(config, state, dataset, out_path=, progress=)` makes the code table; default `encode_run` (EncDiff's
+  scalars). The baselines pass their own (the mean of q(z|x)), so every model is scored by the same code.
+  """
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
   codes_path = os.path.join(eval_dir, f"codes_{step}.npy") if save_codes else None
-  codes = encode_run(config, state, dataset, out_path=codes_path, progress=progress)
+  codes = (encode or encode_run)(config, state, dataset, out_path=codes_path, progress=progress)
   scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes,
                                   metrics=tuple(metrics or config.eval.metrics), seed=config.eval.seed,
                                   metric_kwargs=metric_kwargs, return_extras=True)

@@ -10,6 +10,7 @@ import ml_collections
 
 from concept_diffusion import defaults
 from concept_diffusion.diffusion import SCHEDULES
+from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
 
 # Fields a user may change between invocations on one workdir: they extend or observe a run without
 # changing what it computes.
@@ -56,6 +57,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.encoder.num_tokens > 0 and config.encoder.token_dim > 0, "encoder.num_tokens/token_dim must be > 0"),
       (config.unet.conditioning in ("cross_attention", "adagn"), "unet.conditioning must be 'cross_attention' or "
        "'adagn'"),
+      (config.unet.conv_impl in CONV_IMPLS, f"unet.conv_impl must be one of {CONV_IMPLS}"),
+      (config.unet.attention_impl in ATTENTION_IMPLS, f"unet.attention_impl must be one of {ATTENTION_IMPLS}"),
       (config.baseline.kind in ("", "beta_vae", "beta_tcvae"), "baseline.kind must be '', 'beta_vae' or "
        "'beta_tcvae'"),
       (config.baseline.batch_size > 0 and config.baseline.latent_dim > 0 and config.baseline.beta >= 0,

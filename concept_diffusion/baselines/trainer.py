@@ -1,0 +1,185 @@
+"""Training and evaluation of the VAE baselines with EncDiff's machinery.
+
+Same data order (the diffusion stage's seed, so a baseline and an EncDiff run of one seed see the same stream
+of images), the same input pipeline, jitted+sharded step with the non-finite guard, Orbax checkpoints in
+W/baseline/, metrics.jsonl (stage "baseline"), progress bar, resume/skip, and the same evaluation: the whole
+dataset encoded in canonical order (the mean of q(z|x)) and scored by concept_diffusion.evaluation.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from concept_diffusion import parallel, visualize
+from concept_diffusion.baselines import losses
+from concept_diffusion.baselines.vae import build_vae, reparameterize, to_unit_interval
+from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.evaluation.encode import encode_dataset
+from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
+from concept_diffusion.train import run, sharded
+from concept_diffusion.train.loop import run_loop
+from concept_diffusion.train.workdir import check_or_write_config, computation_config, validate_config
+from concept_diffusion.train.writer import MetricWriter, read_metrics
+
+BASELINE_DIR = STAGE = "baseline"
+# EncDiff's resume (state + input-pipeline position) and main-host hook wrapper, so both trainers behave alike.
+_resume, _on_main_host = run._resume, run._on_main_host  # pylint: disable=protected-access
+
+
+@flax.struct.dataclass
+class BaselineState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  nonfinite_steps: jax.Array  # steps whose update was dropped for a NaN/Inf (train/sharded.py)
+
+
+def make_optimizer(bl) -> optax.GradientTransformation:
+  # TF1's AdamOptimizer adds epsilon to sqrt(v) before the bias correction, optax after; at 1e-8 that is moot.
+  return optax.adam(bl.lr, b1=bl.b1, b2=bl.b2, eps=bl.eps)
+
+
+def create_baseline_state(config, rng: jax.Array) -> BaselineState:
+  size, channels = config.data.image_size, config.data.channels
+  params = build_vae(config).init(rng, jnp.zeros((1, size, size, channels)))["params"]
+  return BaselineState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=make_optimizer(config.baseline).init(params),
+                       nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def abstract_state(config) -> BaselineState:
+  return jax.eval_shape(functools.partial(create_baseline_state, config), jax.random.PRNGKey(0))
+
+
+def baseline_train_step(state: BaselineState, images: jax.Array, rng: jax.Array, *,
+                        config) -> tuple[BaselineState, dict[str, jax.Array]]:
+  """One Adam step on reconstruction + regularizer (disentanglement_lib's BaseVAE.model_fn), images in [-1, 1]."""
+  bl = config.baseline
+  model = build_vae(config)
+  targets = to_unit_interval(images)
+
+  def loss_fn(params):
+    mean, log_var = model.apply({"params": params}, images, method="encode")
+    z = reparameterize(rng, mean, log_var)
+    logits = model.apply({"params": params}, z, method="decode")
+    reconstruction = jnp.mean(losses.bernoulli_reconstruction(targets, logits))
+    kl = losses.gaussian_kl(mean, log_var)
+    tc = losses.total_correlation(z, mean, log_var)  # logged for both kinds; only beta_tcvae optimises it
+    loss = reconstruction + losses.regularizer(bl.kind, bl.beta, kl, tc)
+    return loss, {"reconstruction_loss": reconstruction, "kl_loss": kl, "tc_estimate": tc,
+                  "elbo": -(reconstruction + kl)}
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = make_optimizer(bl).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def state_shardings(config, mesh) -> BaselineState:
+  return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_train_step(frozen_config, mesh, fsdp_min_size: int):
+  shardings = parallel.state_shardings(abstract_state(frozen_config), mesh, fsdp_min_size)
+  return sharded.jit_train_step(functools.partial(baseline_train_step, config=frozen_config), mesh, shardings)
+
+
+def make_train_step(config, mesh=None):
+  """fn(state, images, rng) -> (state, metrics), jitted over the mesh; `rng` constant (the step is folded in)."""
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  parallel.check_batch_size(config.baseline.batch_size, mesh, "baseline.batch_size")
+  return _jitted_train_step(computation_config(config), mesh, config.mesh.fsdp_min_size)
+
+
+def encode_run(config, state: BaselineState, dataset, *, out_path: str | None = None,
+               progress: bool = True) -> np.ndarray:
+  """The (num_images, latent_dim) table of posterior means: the representation disentanglement_lib scores."""
+  model = build_vae(config)
+  fn = lambda params, images: model.apply({"params": params}, images, method="encode")[0]
+  return encode_dataset(fn, state.params, dataset, config.eval.batch_size, out_path=out_path, progress=progress)
+
+
+def restore_baseline_state(config, workdir: str, step: int | None = None) -> BaselineState:
+  ckpts = StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints)
+  steps = ckpts.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"No baseline checkpoint in {ckpts.directory}: train the run first "
+                            "(experiments/train.py) or pass the right --workdir.")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"No baseline checkpoint at step {step} in {workdir}; available steps: {steps}.")
+  state = ckpts.restore(abstract_state(config), step)
+  ckpts.close()
+  return state
+
+
+def evaluate_baseline(config, state: BaselineState, dataset, workdir: str, step: int, **kwargs):
+  """evaluate_run with the baseline's code table; writes W/eval/metrics_<step>.json."""
+  return evaluate_run(config, state, dataset, workdir, step, encode=encode_run, **kwargs)
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(message)
+
+
+def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineState:
+  """Trains (resumes, or skips when finished) a config.baseline.kind model in `workdir`, evaluates it."""
+  validate_config(config)
+  if not config.baseline.kind:
+    raise ValueError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
+  bl = config.baseline
+  is_main = jax.process_index() == 0
+  check_or_write_config(config, workdir, write=is_main)
+  dataset = run.load_dataset(config)
+  mesh = parallel.make_mesh(config.mesh)
+  writer = MetricWriter(workdir, enabled=is_main)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 40)
+  ckpts = StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints,
+                           async_save=config.train.async_checkpoints)
+  shardings = state_shardings(config, mesh)
+  latest = ckpts.latest_step() or 0
+  # seed + 1: the diffusion stage's data seed, so both models see the same permutation of the dataset.
+  pipeline = run.make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size")
+  if latest:
+    state = _resume(ckpts, parallel.with_shardings(abstract_state(config), shardings), pipeline, STAGE)
+  else:
+    state = sharded.create_sharded(functools.partial(create_baseline_state, config), rng, shardings)
+  trained = latest < bl.num_steps
+  if trained:
+    def evaluate_during_training(step: int, s: BaselineState) -> None:
+      if step < bl.num_steps:  # the final evaluation uses the full metric set
+        scores, _ = evaluate_baseline(config, s, dataset, workdir, step, metrics=config.eval.train_metrics,
+                                      progress=False, save_codes=False)
+        writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
+
+    state = run_loop(stage=STAGE, state=state, num_steps=bl.num_steps, step_fn=make_train_step(config, mesh),
+                     batches=pipeline, rng=jax.random.fold_in(rng, 1), ckpts=ckpts, writer=writer,
+                     log_every=bl.log_every, checkpoint_every=bl.checkpoint_every, batch_size=bl.batch_size,
+                     on_nonfinite=config.train.on_nonfinite,
+                     hooks=[(config.eval.every, _on_main_host(evaluate_during_training, mesh))])
+  else:
+    _say(f"{STAGE}: finished at step {latest}; skipping.")
+  ckpts.close()
+  state = parallel.fetch_to_host(state, mesh)
+  step = int(state.step)
+  if config.eval.final and is_main:
+    final_path = os.path.join(workdir, "eval", f"metrics_{step}.json")
+    if trained or not os.path.exists(final_path):
+      scores, _ = evaluate_baseline(config, state, dataset, workdir, step)
+      writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
+      _say(f"evaluation at step {step}:\n{format_table(scores)}")
+  if is_main:
+    visualize.plot_curves(read_metrics(workdir), os.path.join(workdir, "figures", "loss_curves.png"))
+  writer.close()
+  return state

@@ -1,0 +1,208 @@
+r"""The CPU reproduction table from scratch: EncDiff vs beta-VAE vs beta-TCVAE, plus EncDiff's ablations.
+
+  python experiments/reproduce.py --root=runs/repro [--dry_run] [--only=encdiff_seed0,beta_vae_seed0] [--nice=19]
+
+Runs, each `experiments/train.py` in its own workdir under --root:
+  encdiff_seed{0,1,2}      configs/repro_cpu.py
+  beta_vae_seed{0,1,2}     configs/baseline_vae.py
+  beta_tcvae_seed{0,1,2}   configs/baseline_tcvae.py
+  ablation_tokens5, ablation_tokens10, ablation_adagn   configs/repro_cpu.py with one override, seed 0
+(20 tokens with cross-attention is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
+so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
+resumes from its last checkpoint (train.py does that), so the command can be re-run after any interruption.
+Then it writes --root/summary.md (+ .json: mean ± std per model via experiments/aggregate.py, and the
+ablation table) and --root/curves.png (every evaluated metric against training wall clock and images seen).
+The paper's "without diffusion" ablation (Table 3, one-shot decoder) is not implemented.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import aggregate  # noqa: E402  (experiments/aggregate.py)
+
+SEEDS = (0, 1, 2)
+ENCDIFF, BETA_VAE, BETA_TCVAE = "EncDiff", "beta-VAE", "beta-TCVAE"
+CURVE_METRICS = ("factor_vae.eval_accuracy", "dci.disentanglement", "mig.discrete_mig")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str  # workdir under --root
+  group: str  # the table column / figure line this run belongs to
+  config: str
+  overrides: tuple[str, ...] = ()
+  ablation: str = ""  # its row in the ablation table ("" = not an ablation row)
+
+  def command(self, root: str, python: str = sys.executable, nice: int = 0) -> list[str]:
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    return prefix + [python, os.path.join(REPO, "experiments", "train.py"), f"--config={self.config}",
+                     f"--workdir={os.path.join(root, self.name)}", *self.overrides]
+
+
+def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
+  """Every run of the table, in execution order: seed 0 of each model, the ablations, then the other seeds."""
+  def models(seed):
+    seed_flag = (f"--config.seed={seed}",)
+    return [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_cpu.py", seed_flag,
+                ablation="20 tokens, cross-attention" if seed == seeds[0] else ""),
+            Run(f"beta_vae_seed{seed}", BETA_VAE, "configs/baseline_vae.py", seed_flag),
+            Run(f"beta_tcvae_seed{seed}", BETA_TCVAE, "configs/baseline_tcvae.py", seed_flag)]
+  first = (f"--config.seed={seeds[0]}",)
+  ablations = [
+      Run("ablation_tokens5", "EncDiff, 5 tokens", "configs/repro_cpu.py", first + ("--config.encoder.num_tokens=5",),
+          ablation="5 tokens, cross-attention"),
+      Run("ablation_tokens10", "EncDiff, 10 tokens", "configs/repro_cpu.py",
+          first + ("--config.encoder.num_tokens=10",), ablation="10 tokens, cross-attention"),
+      Run("ablation_adagn", "EncDiff, AdaGN", "configs/repro_cpu.py", first + ("--config.unet.conditioning=adagn",),
+          ablation="20 tokens, AdaGN"),
+  ]
+  return models(seeds[0]) + ablations + [run for seed in seeds[1:] for run in models(seed)]
+
+
+def final_step(workdir: str) -> int | None:
+  """The step a run's final evaluation is written at, from its config.json (None before the run started)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f)
+  baseline = config.get("baseline", {})
+  return int(baseline["num_steps"] if baseline.get("kind") else config["train"]["num_steps"])
+
+
+def is_finished(workdir: str) -> bool:
+  step = final_step(workdir)
+  return step is not None and os.path.exists(os.path.join(workdir, "eval", f"metrics_{step}.json"))
+
+
+def eval_curves(workdir: str) -> list[dict]:
+  """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  by_step = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        record = json.loads(line) if line.strip() else {}
+        if record.get("stage") == "eval" and "wall_s" in record:
+          by_step[record["step"]] = record  # a re-evaluation of a step replaces the earlier one
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
+  """Rows: metrics; columns: against training wall clock (minutes) and images seen. One colour per model."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups = list(dict.fromkeys(run.group for run in runs))
+  colours = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+  fig, axes = plt.subplots(len(CURVE_METRICS), 2, figsize=(11, 3.2 * len(CURVE_METRICS)), squeeze=False)
+  labelled = set()
+  for run in runs:
+    records = eval_curves(os.path.join(root, run.name))
+    for row, metric in enumerate(CURVE_METRICS):
+      points = [(r["wall_s"] / 60, r["images_seen"], r[metric]) for r in records if metric in r]
+      if not points:
+        continue
+      minutes, images, values = zip(*points)
+      style = dict(color=colours[run.group], marker="o", markersize=3, linewidth=1,
+                   linestyle="-" if run.group in (ENCDIFF, BETA_VAE, BETA_TCVAE) else "--")
+      label = run.group if run.group not in labelled else None
+      labelled.add(run.group)
+      axes[row, 0].plot(minutes, values, label=label, **style)
+      axes[row, 1].plot(images, values, **style)
+  for row, metric in enumerate(CURVE_METRICS):
+    axes[row, 0].set_ylabel(metric)
+    for col, xlabel in enumerate(("training wall clock (min)", "images seen")):
+      axes[row, col].set_xlabel(xlabel)
+      axes[row, col].set_ylim(0, 1.02)
+      axes[row, col].grid(alpha=0.3)
+    axes[row, 1].set_xscale("log")
+  if labelled:
+    axes[0, 0].legend(fontsize=7)
+  fig.suptitle("Procedural Shapes 32x32 on 2 CPU cores; lines = runs (DCI only at the final evaluation)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
+  """Markdown (main table: mean ± std per model; ablation table) and the JSON behind it, finished runs only."""
+  done = [run for run in runs if is_finished(os.path.join(root, run.name))]
+  main_groups = (ENCDIFF, BETA_VAE, BETA_TCVAE)
+  summary = {}
+  for group in main_groups:
+    workdirs = [os.path.join(root, run.name) for run in done if run.group == group]
+    if workdirs:
+      (entry,) = aggregate.aggregate(workdirs).values()  # one dataset: procedural_shapes
+      summary[group] = entry
+  ablations = {}
+  for run in done:
+    if run.ablation:
+      (entry,) = aggregate.aggregate([os.path.join(root, run.name)]).values()
+      ablations[run.ablation] = entry
+  text = ["# Reproduction on 2 CPU cores (procedural Shapes, 32x32)", ""]
+  text += [aggregate.markdown_table(summary) if summary else "No finished runs yet.", ""]
+  if ablations:
+    text += ["## EncDiff ablations (seed 0)", "", aggregate.markdown_table(ablations), ""]
+  missing = [run.name for run in runs if run not in done]
+  if missing:
+    text += [f"Not finished: {', '.join(missing)}.", ""]
+  return "\n".join(text), {"models": summary, "ablations": ablations, "not_finished": missing}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--root", default="runs/repro", help="directory holding one workdir per run")
+  parser.add_argument("--dry_run", action="store_true", help="print the commands (and what is done) and stop")
+  parser.add_argument("--only", default="", help="comma-separated run names to run (default: all)")
+  parser.add_argument("--nice", type=int, default=0, help="run the training commands under `nice -n NICE`")
+  args = parser.parse_args(argv)
+  runs = planned_runs()
+  names = [name for name in args.only.split(",") if name]
+  unknown = sorted(set(names) - {run.name for run in runs})
+  if unknown:
+    print(f"error: unknown run(s) {unknown}; known: {[run.name for run in runs]}", file=sys.stderr)
+    return 2
+  selected = [run for run in runs if not names or run.name in names]
+  root = os.path.abspath(args.root)
+  failed = []
+  for run in selected:
+    workdir = os.path.join(root, run.name)
+    command = run.command(root, nice=args.nice)
+    if is_finished(workdir):
+      print(f"[done] {run.name}")
+      continue
+    print(("[would run] " if args.dry_run else "[run] ") + " ".join(command), flush=True)
+    if args.dry_run:
+      continue
+    code = subprocess.call(command, cwd=REPO)
+    if code != 0 or not is_finished(workdir):  # exit 0 without a final evaluation = preempted; re-run resumes it
+      failed.append(run.name)
+      print(f"[unfinished] {run.name} (exit code {code}); re-run this command to resume it.", flush=True)
+  if args.dry_run:
+    print(f"[would write] {os.path.join(root, 'summary.md')}, {os.path.join(root, 'summary.json')}, "
+          f"{os.path.join(root, 'curves.png')}")
+    return 0
+  os.makedirs(root, exist_ok=True)
+  text, data = summarise(runs, root)
+  with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(aggregate._nan_to_none(data), f, indent=2)  # pylint: disable=protected-access
+  plot_curves(runs, root, os.path.join(root, "curves.png"))
+  print(text)
+  print(f"wrote {os.path.join(root, 'summary.md')}, summary.json and curves.png")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,97 @@
+"""experiments/reproduce.py: the planned runs, skipping finished ones, the summary tables and the curves figure."""
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import reproduce  # noqa: E402  pylint: disable=wrong-import-position
+
+EXPECTED = {
+    "encdiff_seed0": ("configs/repro_cpu.py", ["--config.seed=0"]),
+    "encdiff_seed1": ("configs/repro_cpu.py", ["--config.seed=1"]),
+    "encdiff_seed2": ("configs/repro_cpu.py", ["--config.seed=2"]),
+    "beta_vae_seed0": ("configs/baseline_vae.py", ["--config.seed=0"]),
+    "beta_vae_seed1": ("configs/baseline_vae.py", ["--config.seed=1"]),
+    "beta_vae_seed2": ("configs/baseline_vae.py", ["--config.seed=2"]),
+    "beta_tcvae_seed0": ("configs/baseline_tcvae.py", ["--config.seed=0"]),
+    "beta_tcvae_seed1": ("configs/baseline_tcvae.py", ["--config.seed=1"]),
+    "beta_tcvae_seed2": ("configs/baseline_tcvae.py", ["--config.seed=2"]),
+    "ablation_tokens5": ("configs/repro_cpu.py", ["--config.seed=0", "--config.encoder.num_tokens=5"]),
+    "ablation_tokens10": ("configs/repro_cpu.py", ["--config.seed=0", "--config.encoder.num_tokens=10"]),
+    "ablation_adagn": ("configs/repro_cpu.py", ["--config.seed=0", "--config.unet.conditioning=adagn"]),
+}
+
+
+def _fake_finished_run(workdir, baseline_kind="", steps=20, value=0.5):
+  """What train.py leaves behind, reduced to what reproduce.py reads."""
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  config = {"data": {"name": "procedural_shapes"}, "train": {"num_steps": steps},
+            "baseline": {"kind": baseline_kind, "num_steps": steps}}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(workdir, "eval", f"metrics_{steps}.json"), "w") as f:
+    json.dump({"step": steps, "dataset": "procedural_shapes", "factor_vae.eval_accuracy": value,
+               "dci.disentanglement": value / 2}, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step in (steps // 2, steps):
+      f.write(json.dumps({"stage": "eval", "step": step, "factor_vae.eval_accuracy": value * step / steps,
+                          "wall_s": 3.0 * step, "images_seen": 32 * step}) + "\n")
+
+
+def test_dry_run_lists_every_run_once(tmp_path, capsys):
+  assert reproduce.main(["--dry_run", f"--root={tmp_path}"]) == 0
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[would run]")]
+  assert len(lines) == len(EXPECTED)
+  for line in lines:
+    workdir = next(arg for arg in line.split() if arg.startswith("--workdir="))
+    name = os.path.basename(workdir)
+    config, overrides = EXPECTED[name]
+    assert f"--config={config}" in line.split() and line.split()[-len(overrides):] == overrides
+    assert line.split()[3].endswith(os.path.join("experiments", "train.py"))
+  assert "encdiff_seed0" in lines[0] and "beta_tcvae_seed0" in lines[2]  # seed 0 of every model first
+  assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_finished_runs_are_skipped_and_unknown_names_refused(tmp_path, capsys):
+  _fake_finished_run(str(tmp_path / "encdiff_seed0"))
+  assert reproduce.main(["--dry_run", f"--root={tmp_path}", "--only=encdiff_seed0,beta_vae_seed0"]) == 0
+  out = capsys.readouterr().out
+  assert "[done] encdiff_seed0" in out and "beta_vae_seed0" in out and "encdiff_seed1" not in out
+  assert reproduce.main(["--dry_run", f"--root={tmp_path}", "--only=encdiff_seed9"]) == 2
+
+
+def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train(command, cwd):
+    del cwd
+    workdir = next(arg for arg in command if arg.startswith("--workdir=")).split("=", 1)[1]
+    kind = {"baseline_vae.py": "beta_vae", "baseline_tcvae.py": "beta_tcvae"}.get(
+        os.path.basename(next(arg for arg in command if arg.startswith("--config="))), "")
+    calls.append(os.path.basename(workdir))
+    _fake_finished_run(workdir, kind, value=0.9 if not kind else 0.6)
+    return 0
+
+  monkeypatch.setattr(reproduce.subprocess, "call", fake_train)
+  assert reproduce.main([f"--root={tmp_path}"]) == 0
+  assert sorted(calls) == sorted(EXPECTED)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["models"]["EncDiff"]["n_runs"] == 3 and summary["not_finished"] == []
+  assert summary["models"]["beta-VAE"]["metrics"]["factor_vae.eval_accuracy"]["mean"] == pytest.approx(0.6)
+  assert set(summary["ablations"]) == {"5 tokens, cross-attention", "10 tokens, cross-attention",
+                                       "20 tokens, cross-attention", "20 tokens, AdaGN"}
+  text = (tmp_path / "summary.md").read_text()
+  assert "EncDiff (n=3)" in text and "beta-TCVAE (n=3)" in text and "## EncDiff ablations" in text
+  assert Image.open(tmp_path / "curves.png").size[0] > 500
+  calls.clear()
+  assert reproduce.main([f"--root={tmp_path}"]) == 0  # everything finished: nothing runs again
+  assert not calls
+
+
+def test_a_run_that_exits_without_its_final_evaluation_is_reported(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce.subprocess, "call", lambda command, cwd: 0)  # e.g. preempted: exit 0, not done
+  assert reproduce.main([f"--root={tmp_path}", "--only=ablation_adagn"]) == 1
+  assert "ablation_adagn" in json.loads((tmp_path / "summary.json").read_text())["not_finished"]
