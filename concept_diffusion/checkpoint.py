@@ -73,3 +73,20 @@ class StageCheckpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_checkpoint(directory: str, template: Any, step: int | None = None, what: str = "") -> Any:
+  """The state at `step` (default latest) in a stage directory, with one clear error when it is not there."""
+  label = f"{what} checkpoint" if what else "checkpoint"
+  ckpts = StageCheckpoints(directory) if os.path.isdir(directory) else None
+  try:
+    steps = ckpts.all_steps() if ckpts else []
+    if not steps:
+      raise FileNotFoundError(f"No {label} in {directory}: train the run first (experiments/train.py) or pass the "
+                              "right --workdir.")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"No {label} at step {step} in {directory}; available steps: {sorted(steps)}.")
+    return ckpts.restore(template, step)
+  finally:
+    if ckpts:
+      ckpts.close()

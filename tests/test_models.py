@@ -71,7 +71,9 @@ def test_attention_probs_sum_to_one_and_capture_does_not_change_output(smoke_une
   unet, params, x, t, ctx = smoke_unet
   plain = jax.jit(unet.apply)(params, x, t, ctx)
   captured, inter = jax.jit(lambda p: unet.apply(p, x, t, ctx, mutable=["intermediates"]))(params)
-  np.testing.assert_array_equal(np.asarray(plain), np.asarray(captured))
+  # Same values; only the summation order differs (captured layers normalise the probabilities explicitly,
+  # the others use unet.attention_impl).
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(captured), rtol=1e-5, atol=2e-6)
   leaves = jax.tree_util.tree_leaves(inter)
   assert leaves
   for probs in leaves:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from concept_diffusion import parallel, visualize
 from concept_diffusion.baselines import losses
 from concept_diffusion.baselines.vae import build_vae, reparameterize, to_unit_interval
-from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.checkpoint import StageCheckpoints, restore_checkpoint
 from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import run, sharded
@@ -111,16 +111,7 @@ def encode_run(config, state: BaselineState, dataset, *, out_path: str | None = 
 
 
 def restore_baseline_state(config, workdir: str, step: int | None = None) -> BaselineState:
-  ckpts = StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints)
-  steps = ckpts.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"No baseline checkpoint in {ckpts.directory}: train the run first "
-                            "(experiments/train.py) or pass the right --workdir.")
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"No baseline checkpoint at step {step} in {workdir}; available steps: {steps}.")
-  state = ckpts.restore(abstract_state(config), step)
-  ckpts.close()
-  return state
+  return restore_checkpoint(os.path.join(workdir, BASELINE_DIR), abstract_state(config), step, "baseline")
 
 
 def evaluate_baseline(config, state: BaselineState, dataset, workdir: str, step: int, **kwargs):

@@ -29,12 +29,7 @@ def encode_dataset(encode_fn: EncodeFn, params: Any, dataset: GroundTruthDataset
   if batch_size < 1:
     raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}.")
   num = dataset.num_images
-  if getattr(dataset, "renders_on_device", False):
-    step = jax.jit(lambda p, idx: encode_fn(p, dataset.images_jax(idx)))
-    fetch = lambda idx: jnp.asarray(idx)
-  else:
-    step = jax.jit(encode_fn)
-    fetch = lambda idx: jnp.asarray(dataset.images(idx))
+  step, fetch = make_encode_step(encode_fn, dataset)
   codes = None
   bar = tqdm(total=num, desc=f"encode {dataset.name}", unit="img", disable=not progress, mininterval=1.0)
   for start in range(0, num, batch_size):
@@ -51,3 +46,11 @@ def encode_dataset(encode_fn: EncodeFn, params: Any, dataset: GroundTruthDataset
   if isinstance(codes, np.memmap):
     codes.flush()
   return codes
+
+
+def make_encode_step(encode_fn: EncodeFn, dataset: GroundTruthDataset) -> tuple[Callable, Callable]:
+  """(step, fetch): codes = step(params, fetch(indices)), one batch as `encode_dataset` computes it (rendering
+  and encoding in one compiled call when the dataset renders on device). Also what the benchmark times."""
+  if getattr(dataset, "renders_on_device", False):
+    return jax.jit(lambda p, idx: encode_fn(p, dataset.images_jax(idx))), lambda idx: jnp.asarray(idx)
+  return jax.jit(encode_fn), lambda idx: jnp.asarray(dataset.images(idx))

@@ -18,25 +18,10 @@ from typing import Optional
 from absl import app, flags, logging
 import ml_collections
 
-from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.checkpoint import restore_checkpoint
 from concept_diffusion.interop import official
 from concept_diffusion.train.run import AE_DIR, DIFFUSION_DIR
 from concept_diffusion.train.workdir import load_config
-
-
-def _restore(directory: str, template, step: Optional[int], what: str):
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No {what} checkpoints in {directory}.")
-  ckpts = StageCheckpoints(directory)
-  try:
-    steps = ckpts.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"No {what} checkpoints in {directory}.")
-    if step is not None and step not in steps:
-      raise FileNotFoundError(f"No {what} checkpoint at step {step} in {directory}; it has steps {sorted(steps)}.")
-    return ckpts.restore(template, step)
-  finally:
-    ckpts.close()
 
 
 def _first_stage_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -50,11 +35,11 @@ def _first_stage_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def export_workdir(workdir: str, step: Optional[int] = None) -> tuple[official.StateDict, int]:
   """Our workdir -> (official state dict, global_step). Uses the latest diffusion checkpoint unless `step`."""
   config = load_config(workdir)
-  state = _restore(os.path.join(workdir, DIFFUSION_DIR), official.abstract_diffusion_state(config), step,
+  state = restore_checkpoint(os.path.join(workdir, DIFFUSION_DIR), official.abstract_diffusion_state(config), step,
                    "diffusion")
   ae_params = None
   if config.first_stage.kind != "none":
-    ae_params = _restore(_first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
+    ae_params = restore_checkpoint(_first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
                          "first-stage").ae_params
   global_step = int(state.step)
   sd = official.export_state_dict(config, params=state.params, batch_stats=state.batch_stats,
@@ -68,7 +53,7 @@ def export_autoencoder(workdir: str) -> tuple[official.StateDict, int]:
   config = load_config(workdir)
   if config.first_stage.kind == "none":
     raise ValueError(f"{workdir} is a pixel-space run (first_stage.kind 'none'): it has no autoencoder to export.")
-  fs_state = _restore(_first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
+  fs_state = restore_checkpoint(_first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
                       "first-stage")
   return official.export_autoencoder_state_dict(fs_state), int(fs_state.step)
 

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from concept_diffusion.models import kernels
+
 Dtype = Any
 
 # PyTorch's default Conv/Linear weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -31,9 +33,10 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10_00
 
 
 def conv(features: int, kernel: int, name: str, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
-         strides: int = 1, padding: Any = "SAME") -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, dtype=dtype,
-                 kernel_init=zeros if zero_init else torch_kernel_init, name=name)
+         strides: int = 1, padding: Any = "SAME", impl: str = "auto") -> kernels.Conv:
+  # kernels.Conv has nn.Conv's parameters; `impl` only picks how it is computed (see kernels.py).
+  return kernels.Conv(features, kernel, strides=strides, padding=padding, impl=impl, dtype=dtype,
+                      kernel_init=zeros if zero_init else torch_kernel_init, name=name)
 
 
 def dense(features: int, name: str, *, use_bias: bool = True, zero_init: bool = False,
@@ -56,20 +59,25 @@ def _resample(x: jax.Array, mode: str) -> jax.Array:
 
 
 class ResBlock(nn.Module):
-  """LDM ResBlock with FiLM time conditioning (`use_scale_shift_norm`) and optional up/down resampling."""
+  """LDM ResBlock with FiLM time conditioning (`use_scale_shift_norm`) and optional up/down resampling.
+
+  With `cond` (B, D) the normalised, time-modulated features are also scaled by (1 + Linear(SiLU(cond))):
+  Diff-AE's AdaGN, used by the UNet's `conditioning="adagn"` ablation. Without it no parameter is added.
+  """
   out_channels: int
   dropout: float = 0.0
   use_scale_shift_norm: bool = True
   resample: str = "none"  # none | up | down
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"  # kernels.CONV_IMPLS
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False, cond: jax.Array | None = None) -> jax.Array:
     h = nn.silu(group_norm(self.norm_groups, "in_layers_0")(x)).astype(self.dtype)
     h = _resample(h, self.resample)
     x = _resample(x, self.resample)
-    h = conv(self.out_channels, 3, "in_layers_2", dtype=self.dtype)(h)
+    h = conv(self.out_channels, 3, "in_layers_2", dtype=self.dtype, impl=self.conv_impl)(h)
 
     emb_out = dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels, "emb_layers_1",
                     dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
@@ -79,26 +87,29 @@ class ResBlock(nn.Module):
       h = out_norm(h) * (1 + scale) + shift
     else:
       h = out_norm(h + emb_out)
+    if cond is not None:  # Diff-AE's cond_emb_layers = Sequential(SiLU, Linear); scale only, no shift
+      h = h * (1 + dense(self.out_channels, "cond_emb_layers_1", dtype=self.dtype)(nn.silu(cond))[:, None, None, :])
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h).astype(self.dtype))
-    h = conv(self.out_channels, 3, "out_layers_3", zero_init=True, dtype=self.dtype)(h)
+    h = conv(self.out_channels, 3, "out_layers_3", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(h)
 
     if x.shape[-1] != self.out_channels:
-      x = conv(self.out_channels, 1, "skip_connection", dtype=self.dtype)(x)
+      x = conv(self.out_channels, 1, "skip_connection", dtype=self.dtype, impl=self.conv_impl)(x)
     return x + h
 
 
 class Attention(nn.Module):
   """LDM CrossAttention: q/k/v without bias, out projection with bias, scale dim_head^-0.5.
 
-  With `record_probs` the softmax probabilities (B, heads, queries, keys) are sown into the `intermediates`
-  collection; they are only kept when the caller makes that collection mutable, so recording never changes
-  the output.
+  With `record_probs`, when the caller makes the `intermediates` collection mutable, the softmax probabilities
+  (B, heads, queries, keys) are computed explicitly and sown there; otherwise `kernels.attention(impl=...)`
+  computes the same values (up to float rounding) without materialising normalised probabilities.
   """
   heads: int
   dim_head: int
   dropout: float = 0.0
   record_probs: bool = False
   dtype: Dtype = jnp.float32
+  impl: str = "auto"  # kernels.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -109,13 +120,13 @@ class Attention(nn.Module):
     v = dense(inner, "to_v", use_bias=False, dtype=self.dtype)(context)
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
     q, k, v = split(q), split(k), split(v)
-    if self.record_probs:
+    if self.record_probs and self.is_mutable_collection("intermediates"):
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.dim_head ** -0.5)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       self.sow("intermediates", "attn_probs", probs)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
+      out = kernels.attention(q, k, v, self.dim_head ** -0.5, self.impl)
     out = out.reshape(out.shape[:-2] + (inner,))
     out = dense(x.shape[-1], "to_out_0", dtype=self.dtype)(out)
     return nn.Dropout(self.dropout, deterministic=not train)(out)
@@ -142,14 +153,17 @@ class BasicTransformerBlock(nn.Module):
   dim_head: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None, train: bool = False) -> jax.Array:
+    """context None: no cross-attention layer at all (the AdaGN ablation), self-attention and MLP only."""
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
-    x = x + Attention(self.heads, self.dim_head, self.dropout, dtype=self.dtype, name="attn1")(
-        ln("norm1")(x).astype(self.dtype), train=train)
-    x = x + Attention(self.heads, self.dim_head, self.dropout, record_probs=True, dtype=self.dtype, name="attn2")(
-        ln("norm2")(x).astype(self.dtype), context, train=train)
+    attn = lambda name, **kw: Attention(self.heads, self.dim_head, self.dropout, dtype=self.dtype,
+                                        impl=self.attention_impl, name=name, **kw)
+    x = x + attn("attn1")(ln("norm1")(x).astype(self.dtype), train=train)
+    if context is not None:
+      x = x + attn("attn2", record_probs=True)(ln("norm2")(x).astype(self.dtype), context, train=train)
     x = x + FeedForward(dropout=self.dropout, dtype=self.dtype, name="ff")(ln("norm3")(x).astype(self.dtype),
                                                                               train=train)
     return x
@@ -163,15 +177,18 @@ class SpatialTransformer(nn.Module):
   dropout: float = 0.0
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
+  attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None, train: bool = False) -> jax.Array:
     b, h, w, c = x.shape
     inner = self.heads * self.dim_head
     y = group_norm(self.norm_groups, "norm", eps=1e-6)(x).astype(self.dtype)
-    y = conv(inner, 1, "proj_in", dtype=self.dtype)(y).reshape(b, h * w, inner)
+    y = conv(inner, 1, "proj_in", dtype=self.dtype, impl=self.conv_impl)(y).reshape(b, h * w, inner)
     for i in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.dim_head, self.dropout, dtype=self.dtype,
-                                name=f"transformer_blocks_{i}")(y, context, train=train)
-    y = conv(c, 1, "proj_out", zero_init=True, dtype=self.dtype)(y.reshape(b, h, w, inner))
+                                attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(
+                                    y, context, train=train)
+    y = conv(c, 1, "proj_out", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(y.reshape(b, h, w, inner))
     return x + y

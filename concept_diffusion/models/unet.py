@@ -1,7 +1,8 @@
 """The denoiser: LDM `openaimodel` UNet whose SpatialTransformers cross-attend to the concept tokens.
 
 Module names follow the official state dict (`input_blocks_4_0` = `input_blocks.4.0`), so every parameter
-has one obvious official counterpart. Cross-attention is the only path from the tokens into the UNet.
+has one obvious official counterpart. Cross-attention is the only path from the tokens into the UNet, unless
+`conditioning="adagn"` (the paper's Table 3 ablation) routes them through the ResBlocks' norms instead.
 """
 from __future__ import annotations
 
@@ -18,7 +19,17 @@ class UNet(nn.Module):
   """Predicts the noise of a latent (B, H, W, C) at timesteps (B,) given tokens (B, N, token_dim).
 
   Call with `mutable=["intermediates"]` to also get every cross-attention layer's probabilities
-  (`.../attn2/attn_probs`, shape (B, heads, H*W, N)); the output is the same either way.
+  (`.../attn2/attn_probs`, shape (B, heads, H*W, N)); the output is the same either way up to float rounding
+  (captured layers compute the softmax explicitly, the others by `attention_impl`).
+
+  `conv_impl` / `attention_impl` choose how convolutions and attention are computed (models/kernels.py), never
+  what; `remat` recomputes each ResBlock's and SpatialTransformer's activations in the backward pass instead of
+  storing them (less memory for large batches, about one more forward pass of compute).
+
+  `conditioning="adagn"`: the tokens are concatenated into one (B, N * token_dim) vector that scales every
+  ResBlock's normalised features (Diff-AE's AdaGN, paper Table 3 "EncDiff w/ AdaGN"); the SpatialTransformers
+  lose their cross-attention and keep self-attention + MLP, so the only difference is how the tokens enter.
+  The call signature is the same, so training, generation and evaluation do not change.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -32,15 +43,23 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = True
   norm_groups: int = 32
+  conditioning: str = "cross_attention"  # cross_attention | adagn
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  attention_impl: str = "auto"
+  remat: bool = False
 
   def _res(self, ch: int, name: str, resample: str = "none") -> ResBlock:
-    return ResBlock(ch, self.dropout, self.use_scale_shift_norm, resample, self.norm_groups, self.dtype, name=name)
+    # static_argnums counts `self`: 3 is `train` in block(x, emb, train, cond).
+    cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+    return cls(ch, self.dropout, self.use_scale_shift_norm, resample, self.norm_groups, self.dtype,
+               conv_impl=self.conv_impl, name=name)
 
   def _attn(self, ch: int, name: str) -> SpatialTransformer:
     # legacy=True with a spatial transformer: dim_head = channels // num_heads.
-    return SpatialTransformer(self.num_heads, ch // self.num_heads, self.transformer_depth, self.dropout,
-                              self.norm_groups, self.dtype, name=name)
+    cls = nn.remat(SpatialTransformer, static_argnums=(3,)) if self.remat else SpatialTransformer
+    return cls(self.num_heads, ch // self.num_heads, self.transformer_depth, self.dropout, self.norm_groups,
+               self.dtype, conv_impl=self.conv_impl, attention_impl=self.attention_impl, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, timesteps: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
@@ -51,14 +70,20 @@ class UNet(nn.Module):
     emb = dense(emb_dim, "time_embed_2", dtype=self.dtype)(nn.silu(dense(emb_dim, "time_embed_0", dtype=self.dtype)(
         emb.astype(self.dtype))))
     context = context.astype(self.dtype)
+    cond = None
+    if self.conditioning == "adagn":
+      cond, context = context.reshape(context.shape[0], -1), None
+    elif self.conditioning != "cross_attention":
+      raise ValueError(f"unet.conditioning must be 'cross_attention' or 'adagn', got {self.conditioning!r}.")
 
-    h = conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype)(x.astype(self.dtype))
+    h = conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype, impl=self.conv_impl)(
+        x.astype(self.dtype))
     skips, chans = [h], [self.model_channels]
     ch, ds, block = self.model_channels, 1, 1
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
         ch = mult * self.model_channels
-        h = self._res(ch, f"input_blocks_{block}_0")(h, emb, train)
+        h = self._res(ch, f"input_blocks_{block}_0")(h, emb, train, cond)
         if ds in self.attention_resolutions:
           h = self._attn(ch, f"input_blocks_{block}_1")(h, context, train)
         skips.append(h)
@@ -66,17 +91,18 @@ class UNet(nn.Module):
         block += 1
       if level != len(self.channel_mult) - 1:
         if self.resblock_updown:
-          h = self._res(ch, f"input_blocks_{block}_0", resample="down")(h, emb, train)
+          h = self._res(ch, f"input_blocks_{block}_0", resample="down")(h, emb, train, cond)
         else:
-          h = conv(ch, 3, f"input_blocks_{block}_0_op", strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype)(h)
+          h = conv(ch, 3, f"input_blocks_{block}_0_op", strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
+                   impl=self.conv_impl)(h)
         skips.append(h)
         chans.append(ch)
         block += 1
         ds *= 2
 
-    h = self._res(ch, "middle_block_0")(h, emb, train)
+    h = self._res(ch, "middle_block_0")(h, emb, train, cond)
     h = self._attn(ch, "middle_block_1")(h, context, train)
-    h = self._res(ch, "middle_block_2")(h, emb, train)
+    h = self._res(ch, "middle_block_2")(h, emb, train, cond)
 
     block = 0
     for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -84,22 +110,23 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         chans.pop()
         ch = mult * self.model_channels
-        h = self._res(ch, f"output_blocks_{block}_0")(h, emb, train)
+        h = self._res(ch, f"output_blocks_{block}_0")(h, emb, train, cond)
         sub = 1
         if ds in self.attention_resolutions:
           h = self._attn(ch, f"output_blocks_{block}_1")(h, context, train)
           sub = 2
         if level and i == self.num_res_blocks:
           if self.resblock_updown:
-            h = self._res(ch, f"output_blocks_{block}_{sub}", resample="up")(h, emb, train)
+            h = self._res(ch, f"output_blocks_{block}_{sub}", resample="up")(h, emb, train, cond)
           else:
             h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-            h = conv(ch, 3, f"output_blocks_{block}_{sub}_conv", dtype=self.dtype)(h)
+            h = conv(ch, 3, f"output_blocks_{block}_{sub}_conv", dtype=self.dtype, impl=self.conv_impl)(h)
           ds //= 2
         block += 1
 
     h = nn.silu(group_norm(self.norm_groups, "out_0")(h)).astype(self.dtype)
-    return conv(self.out_channels, 3, "out_2", zero_init=True, dtype=self.dtype)(h).astype(jnp.float32)
+    out = conv(self.out_channels, 3, "out_2", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(h)
+    return out.astype(jnp.float32)
 
 
 def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32) -> UNet:
@@ -108,4 +135,5 @@ def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32) -> U
               attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
               transformer_depth=unet_config.transformer_depth, dropout=unet_config.dropout,
               use_scale_shift_norm=unet_config.use_scale_shift_norm, resblock_updown=unet_config.resblock_updown,
-              norm_groups=unet_config.norm_groups, dtype=dtype)
+              norm_groups=unet_config.norm_groups, conditioning=unet_config.conditioning, dtype=dtype,
+              conv_impl=unet_config.conv_impl, attention_impl=unet_config.attention_impl, remat=unet_config.remat)

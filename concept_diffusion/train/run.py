@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from concept_diffusion import data as data_lib
 from concept_diffusion import parallel, visualize
-from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.checkpoint import StageCheckpoints, restore_checkpoint
 from concept_diffusion.data.pipeline import InputPipeline
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import diffusion_stage, first_stage, sharded
@@ -166,16 +166,8 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
 
 def restore_diffusion_state(config, workdir: str, step: int | None = None) -> diffusion_stage.DiffusionState:
   """The diffusion-stage state of a run (latest step by default), with a clear error when there is none."""
-  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=config.train.keep_checkpoints)
-  steps = ckpts.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"No diffusion checkpoint in {os.path.join(workdir, DIFFUSION_DIR)}: train the run "
-                            "first (experiments/train.py) or pass the right --workdir.")
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"No diffusion checkpoint at step {step} in {workdir}; available steps: {steps}.")
-  state = ckpts.restore(diffusion_stage.abstract_state(config), step)
-  ckpts.close()
-  return state
+  return restore_checkpoint(os.path.join(workdir, DIFFUSION_DIR), diffusion_stage.abstract_state(config), step,
+                            "diffusion")
 
 
 def restore_first_stage_params(config, workdir: str) -> Any:

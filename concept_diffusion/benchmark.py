@@ -1,0 +1,223 @@
+"""What experiments/benchmark.py measures: the train steps, DDIM sampling, encoding and the input pipeline.
+
+`run_benchmark(config, batch_sizes)` returns one JSON-able report: per batch size the compile time and FLOPs of
+both stages' steps, the diffusion step's time (median and p90 after warm-up), throughput, MFU and memory, and
+the time of the other loops a run spends its time in. Random (untrained) parameters: speed does not depend on
+the values, and no workdir is needed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from concept_diffusion import generate, parallel, perf
+from concept_diffusion.evaluation.encode import make_encode_step
+from concept_diffusion.models import autoencoder
+from concept_diffusion.train import diffusion_stage, first_stage, run
+from concept_diffusion.train.workdir import computation_config, validate_config
+
+
+def make_batches(config, dataset, batch_size: int, mesh) -> Any:
+  """The training input pipeline (an iterator of global batches), as train/run.py builds it."""
+  return run.make_pipeline(config, dataset, batch_size, config.seed + 1, mesh, "benchmark batch size")
+
+
+class _CacheProbe:
+  """Whether a compile was served by the persistent compilation cache: a miss writes a new entry."""
+
+  def __init__(self):
+    self.path = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+
+  def _entries(self) -> set[str]:
+    return set(os.listdir(self.path)) if self.path and os.path.isdir(self.path) else set()
+
+  def timed_compile(self, lower) -> tuple[Any, float, str]:
+    before = self._entries()
+    start = time.perf_counter()
+    compiled = lower().compile()
+    seconds = time.perf_counter() - start
+    if not self.path:
+      return compiled, seconds, "off"
+    # No new entry: served from the cache (or too quick to be cached, jax_persistent_cache_min_compile_time_secs).
+    return compiled, seconds, "miss" if self._entries() - before else "hit"
+
+
+def random_ae_params(config, mesh) -> Any:
+  """Freshly initialised first-stage parameters in their shardings (None in pixel space)."""
+  module = autoencoder.build_first_stage(config.first_stage, config.data.channels)
+  if module is None:
+    return None
+  shardings = parallel.state_shardings(first_stage.abstract_ae_params(config), mesh, config.mesh.fsdp_min_size)
+  x = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels), jnp.float32)
+  return jax.jit(lambda key: module.init(key, x)["params"], out_shardings=shardings)(jax.random.PRNGKey(1))
+
+
+def _first_stage_compile(config, mesh, images, key, probe: _CacheProbe) -> dict[str, Any]:
+  if config.first_stage.kind == "none":
+    return {"first_stage_compile_s": None, "first_stage_flops_per_step": None}
+  abstract = parallel.with_shardings(first_stage.abstract_state(config), first_stage.state_shardings(config, mesh))
+  step = first_stage.make_train_step(config, mesh)
+  compiled, seconds, _ = probe.timed_compile(lambda: step.lower(abstract, images, key))
+  flops = perf.compiled_flops(compiled)
+  return {"first_stage_compile_s": seconds,
+          "first_stage_flops_per_step": None if flops is None else flops * mesh.size}
+
+
+def _sampling(config, frozen, state, ae_params, images, key, steps: int, probe: _CacheProbe) -> dict[str, Any]:
+  if steps <= 0:
+    return {"sample_steps": 0, "sample_compile_s": None, "sample_ms_per_image": None}
+  tokens = jax.jit(lambda s, x: generate.encode(frozen, s, x)[1])(state, images)
+  eta = float(config.sample.eta)
+  compiled, seconds, _ = probe.timed_compile(
+      lambda: generate.sample_from_tokens.lower(frozen, state, ae_params, tokens, key, steps=steps, eta=eta))
+  call = lambda: compiled(state, ae_params, tokens, key)
+  jax.block_until_ready(call())  # first call: buffers, thread pools
+  batch_s = min(perf.time_calls(call, 2))  # other processes only ever slow a call down
+  return {"sample_steps": steps, "sample_compile_s": seconds, "sample_ms_per_image": 1e3 * batch_s / len(images)}
+
+
+def _encoder_throughput(frozen, state, dataset, batch_size: int, num_batches: int) -> float | None:
+  """Images/s of whole-dataset evaluation's batch step (render + encode + copy to host), after warm-up."""
+  if num_batches <= 0:
+    return None
+  step, fetch = make_encode_step(lambda s, x: generate.encode(frozen, s, x)[0], dataset)
+  params = state.replace(opt_state=None, ema_unet=None)  # what evaluation passes: the encoder's part only
+  batches = [np.arange(i * batch_size, (i + 1) * batch_size) % dataset.num_images for i in range(num_batches + 1)]
+  np.asarray(step(params, fetch(batches[0])))
+  start = time.perf_counter()
+  for idx in batches[1:]:
+    np.asarray(step(params, fetch(idx)))
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def _pipeline_throughput(config, dataset, batch_size: int, mesh, num_batches: int) -> float | None:
+  if num_batches <= 0:
+    return None
+  batches = make_batches(config, dataset, batch_size, mesh)
+  jax.block_until_ready(next(batches))  # compiles the renderer, fills the prefetch buffer
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    jax.block_until_ready(next(batches))
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmup: int, sample_steps: int,
+                    encode_batches: int, pipeline_batches: int, with_first_stage: bool,
+                    peak_flops: float | None, probe: _CacheProbe) -> dict[str, Any]:
+  """Every measurement at one global batch size."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.batch_size = config.first_stage.batch_size = config.eval.batch_size = batch_size
+  frozen = computation_config(config)
+  key = jax.device_put(jax.random.PRNGKey(0), parallel.replicated(mesh))
+  batches = make_batches(config, dataset, batch_size, mesh)
+  images = batches.batch_at(0)
+  result: dict[str, Any] = {"batch_size": batch_size}
+  if with_first_stage:
+    result.update(_first_stage_compile(config, mesh, images, key, probe))
+
+  ae_params = random_ae_params(config, mesh)
+  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  step = diffusion_stage.make_train_step(config, mesh)
+  compiled, compile_s, cache = probe.timed_compile(lambda: step.lower(state, images, ae_params, key))
+  call = lambda s: compiled(s, images, ae_params, key)
+  for _ in range(warmup):
+    state, metrics = call(state)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = call(state)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  timing = perf.summarize(times)
+  per_device = perf.compiled_flops(compiled)
+  flops = None if per_device is None else per_device * mesh.size  # SPMD: the compiled program is one device's
+  memory = perf.compiled_memory(compiled)
+  step_s = timing["median_ms"] / 1e3
+  result.update(
+      train_step_ms=timing["median_ms"], train_step_p90_ms=timing["p90_ms"], timed_steps=steps,
+      images_per_s=batch_size / step_s, flops_per_step=flops,
+      achieved_flops_per_s=None if flops is None else flops / step_s,
+      mfu=perf.mfu(flops, step_s, peak_flops), compile_s=compile_s, compile_cache=cache,
+      loss=float(metrics["loss"]),
+      memory_bytes=None if memory is None else memory["total_bytes"], memory=memory,
+      peak_device_memory_bytes=perf.peak_device_memory(mesh.devices.flat))
+  result.update(_sampling(config, frozen, state, ae_params, images, key, sample_steps, probe))
+  result["encode_images_per_s"] = _encoder_throughput(frozen, state, dataset, batch_size, encode_batches)
+  result["pipeline_images_per_s"] = _pipeline_throughput(config, dataset, batch_size, mesh, pipeline_batches)
+  return result
+
+
+def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: int = 20, warmup: int = 2,
+                  sample_steps: int | None = None, encode_batches: int = 5, pipeline_batches: int = 30,
+                  with_first_stage: bool = True) -> dict[str, Any]:
+  """The report: devices, peak FLOP/s and one result per batch size (see the module docstring)."""
+  validate_config(config)
+  batch_sizes = list(batch_sizes or [config.train.batch_size])
+  devices = jax.devices()
+  for batch_size in batch_sizes:  # all checked before the first (slow) measurement
+    perf.check_batch_divides(batch_size, len(devices))
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.")
+  dtype = config.train.compute_dtype
+  peak, peak_source = perf.device_peak_flops(devices[0], dtype)
+  total_peak = None if peak is None else peak * len(devices)
+  mesh = parallel.make_mesh(config.mesh)
+  dataset = run.load_dataset(config)
+  probe = _CacheProbe()
+  report = {
+      "config": config.name, "device_kind": devices[0].device_kind, "platform": devices[0].platform,
+      "num_devices": len(devices), "compute_dtype": dtype, "peak_flops": total_peak,
+      "peak_flops_per_device": peak, "peak_source": peak_source, "jax_version": jax.__version__,
+      "compilation_cache_dir": probe.path, "load_average_start": _load_average(), "results": [],
+  }
+  for batch_size in batch_sizes:
+    report["results"].append(benchmark_batch(
+        config, batch_size, mesh=mesh, dataset=dataset, steps=steps, warmup=warmup,
+        sample_steps=config.sample.ddim_steps if sample_steps is None else sample_steps,
+        encode_batches=encode_batches, pipeline_batches=pipeline_batches, with_first_stage=with_first_stage,
+        peak_flops=total_peak, probe=probe))
+  report["load_average_end"] = _load_average()
+  return report
+
+
+def _load_average() -> list[float] | None:
+  # Shared machines: other processes slow every number here down; the report says how busy it was.
+  return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+  return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A readable table of the report."""
+  peak = report["peak_flops"]
+  lines = [f"{report['config']} on {report['num_devices']} x {report['device_kind']} ({report['platform']}), "
+           f"{report['compute_dtype']}; peak {_fmt(peak, 1e12, 3)} TFLOP/s ({report['peak_source']})"]
+  header = ("batch", "step ms", "p90 ms", "img/s", "GFLOP/step", "TFLOP/s", "MFU", "compile s", "mem GB",
+            "sample ms/img", "encode img/s", "input img/s")
+  rows = [header]
+  for r in report["results"]:
+    rows.append((str(r["batch_size"]), _fmt(r["train_step_ms"]), _fmt(r["train_step_p90_ms"]),
+                 _fmt(r["images_per_s"]), _fmt(r["flops_per_step"], 1e9), _fmt(r["achieved_flops_per_s"], 1e12, 3),
+                 "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                 f"{r['compile_s']:.1f} ({r['compile_cache']})", _fmt(r["memory_bytes"], 1e9, 2),
+                 _fmt(r["sample_ms_per_image"]), _fmt(r["encode_images_per_s"], 1, 0),
+                 _fmt(r["pipeline_images_per_s"], 1, 0)))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+  for r in report["results"]:
+    if r.get("first_stage_compile_s") is not None:
+      lines.append(f"batch {r['batch_size']}: first-stage step compiles in {r['first_stage_compile_s']:.1f} s, "
+                   f"{_fmt(r['first_stage_flops_per_step'], 1e9)} GFLOP/step; DDIM {r['sample_steps']} steps "
+                   f"(compile {_fmt(r['sample_compile_s'])} s)")
+  if peak is None:
+    lines.append(f"MFU not reported: {report['peak_source']}")
+  return "\n".join(lines)

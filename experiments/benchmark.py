@@ -1,0 +1,62 @@
+r"""Measures training and inference speed on whatever devices JAX sees; prints a table, optionally writes JSON.
+
+  python experiments/benchmark.py --config=configs/procedural_shapes.py [--batch_sizes=8,32,128] [--steps=20] \
+      [--json=out.json] [--sample_steps=10]
+
+Per batch size: compile time and FLOPs of the first-stage and diffusion train steps, the diffusion step's
+median/p90 time, images/s, achieved FLOP/s and MFU (XLA's FLOP count of the compiled step over the device's
+peak: published for TPUs/GPUs, measured by a large matmul on CPUs), XLA's memory plan and peak device memory,
+DDIM time per image, encoder and input-pipeline images/s. README "Performance" explains the numbers.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from concept_diffusion import cli  # noqa: E402
+
+cli.add_repo_root_to_path()
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Global batch sizes (default: the config's train.batch_size).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps per batch size (after --warmup untimed ones).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after compiling.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "DDIM steps to time (default: config.sample.ddim_steps; "
+                                     "0 skips sampling).")
+_ENCODE_BATCHES = flags.DEFINE_integer("encode_batches", 5, "Batches of whole-dataset encoding to time (0: skip).")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 30, "Input-pipeline batches to time (0: skip); more "
+                                         "than data.prefetch_batches, so the read-ahead buffer does not flatter it.")
+_FIRST_STAGE = flags.DEFINE_bool("first_stage", True, "Also compile the first-stage (autoencoder) step.")
+_JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  from concept_diffusion import parallel  # pylint: disable=g-import-not-at-top
+  parallel.maybe_initialize_distributed(config.distributed)
+  cli.enable_compilation_cache()  # README "Performance": compile_cache says whether a compile was served by it
+  from concept_diffusion.benchmark import format_report, run_benchmark  # pylint: disable=g-import-not-at-top
+  try:
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value] if _BATCH_SIZES.value else None
+  except ValueError as e:
+    raise ValueError(f"--batch_sizes must be integers separated by commas, got {_BATCH_SIZES.value}.") from e
+  report = run_benchmark(config, batch_sizes, steps=_STEPS.value, warmup=_WARMUP.value,
+                         sample_steps=_SAMPLE_STEPS.value, encode_batches=_ENCODE_BATCHES.value,
+                         pipeline_batches=_PIPELINE_BATCHES.value, with_first_stage=_FIRST_STAGE.value)
+  print(format_report(report))
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

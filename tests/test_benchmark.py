@@ -1,0 +1,145 @@
+"""perf.py arithmetic, the benchmark CLI, and the compile-once properties the benchmark relies on."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from concept_diffusion import generate, parallel, perf
+from concept_diffusion.train import diffusion_stage
+from concept_diffusion.train.workdir import computation_config
+from tests.conftest import REPO_ROOT
+
+
+def test_mfu_arithmetic_and_unknowns():
+  assert perf.mfu(2e12, 0.5, 8e12) == pytest.approx(0.5)  # 4 TFLOP/s achieved of 8
+  assert perf.mfu(None, 0.5, 8e12) is None
+  assert perf.mfu(2e12, 0.5, None) is None
+
+
+def test_published_peaks_and_unknown_device_kinds():
+  assert perf.published_peak_flops("TPU v4", "bfloat16") == 275e12
+  assert perf.published_peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert perf.published_peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM number
+  assert perf.published_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert perf.published_peak_flops("NVIDIA A100-SXM4-40GB", "float32") == 156e12  # TF32
+  assert perf.published_peak_flops("Quantum Abacus 9000", "bfloat16") is None
+  mystery = types.SimpleNamespace(platform="gpu", device_kind="Quantum Abacus 9000")
+  peak, message = perf.device_peak_flops(mystery, "float32")
+  assert peak is None and "no published peak" in message and "Quantum Abacus 9000" in message
+
+
+def test_flops_and_memory_of_a_known_matmul():
+  m, k, n = 64, 128, 32
+  a, b = jnp.ones((m, k)), jnp.ones((k, n))
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert perf.compiled_flops(compiled) == 2 * m * n * k
+  memory = perf.compiled_memory(compiled)
+  assert memory["argument_bytes"] == 4 * (m * k + k * n) and memory["output_bytes"] == 4 * m * n
+  assert memory["total_bytes"] >= memory["argument_bytes"] + memory["output_bytes"]
+
+
+def test_cpu_peak_is_measured_and_plausible():
+  peak = perf.measure_matmul_peak(size=256, repeats=2)
+  assert 1e8 < peak < 1e14  # a real FLOP/s figure, not a placeholder
+
+
+def test_batch_must_divide_over_devices():
+  perf.check_batch_divides(8, 4)
+  with pytest.raises(ValueError, match="does not divide over the 4 devices"):
+    perf.check_batch_divides(6, 4)
+
+
+def test_summarize_median_and_p90():
+  stats = perf.summarize([0.001 * i for i in range(1, 11)])
+  assert stats["median_ms"] == pytest.approx(5.5) and stats["p90_ms"] == pytest.approx(9.1)
+
+
+def _pixel_smoke(dtype="float32"):
+  """The smoke config, smaller still: compile time (which scales with the number of layers) dominates these tests."""
+  config = smoke.get_config()
+  config.first_stage.kind = "none"  # pixel space: no autoencoder to compile
+  config.stages = ("diffusion",)
+  config.unet.channel_mult = (1,)  # one resolution, one ResBlock + SpatialTransformer per side
+  config.unet.attention_resolutions = (1,)
+  config.train.compute_dtype = dtype
+  return config
+
+
+def _losses(config, num_steps):
+  mesh = parallel.make_mesh(config.mesh)
+  step = diffusion_stage.make_train_step(config, mesh)
+  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (config.train.batch_size, 16, 16, 3), minval=-1, maxval=1)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = step(state, images, None, jax.random.PRNGKey(2))
+    losses.append(float(metrics["loss"]))
+  return step, losses
+
+
+def test_train_step_compiles_once():
+  step, losses = _losses(_pixel_smoke(), 3)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert np.all(np.isfinite(losses))
+
+
+def test_bfloat16_step_runs_and_its_loss_is_close_to_float32():
+  _, fp32 = _losses(_pixel_smoke(), 3)
+  _, bf16 = _losses(_pixel_smoke("bfloat16"), 3)
+  np.testing.assert_allclose(bf16, fp32, rtol=0.02)  # bf16 keeps ~3 significant digits; the steps stay in step
+
+
+def test_ddim_sampler_is_one_compiled_loop():
+  config = _pixel_smoke()
+  frozen = computation_config(config)
+  state = diffusion_stage.create_diffusion_state(config, jax.random.PRNGKey(0))
+  tokens = jnp.zeros((2, config.encoder.num_tokens, config.encoder.token_dim))
+  lower = lambda steps: generate.sample_from_tokens.lower(frozen, state, None, tokens, jax.random.PRNGKey(1),
+                                                          steps=steps, eta=1.0).as_text()
+  short, long = lower(3), lower(9)
+  assert "stablehlo.while" in short  # the DDIM steps are one XLA loop ...
+  assert abs(len(long) - len(short)) < 0.01 * len(short)  # ... not unrolled: 3x the steps, same program size
+  for _ in range(2):
+    generate.sample_from_tokens(frozen, state, None, tokens, jax.random.PRNGKey(1), steps=3, eta=1.0)
+  assert generate.sample_from_tokens._cache_size() == 1  # pylint: disable=protected-access
+
+
+def _run_cli(*args, env=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false", **(env or {}))
+  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), *args],
+                        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900, check=False)
+
+
+def test_benchmark_cli_writes_the_report(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _run_cli("--config=configs/smoke.py", "--config.unet.channel_mult=(1,)",
+                  "--config.unet.attention_resolutions=(1,)", "--batch_sizes=4", "--steps=2", "--warmup=1",
+                  "--sample_steps=2", "--encode_batches=1", "--pipeline_batches=2", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "MFU" in proc.stdout and "img/s" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["num_devices"] == 1 and report["device_kind"] and report["peak_flops"] > 0
+  (result,) = report["results"]
+  required = ("batch_size", "train_step_ms", "images_per_s", "flops_per_step", "mfu", "compile_s", "memory_bytes",
+              "sample_ms_per_image")
+  assert all(key in result for key in required), sorted(result)
+  assert result["batch_size"] == 4 and result["train_step_ms"] > 0 and result["compile_s"] > 0
+  assert result["images_per_s"] == pytest.approx(4e3 / result["train_step_ms"])
+  assert result["flops_per_step"] > 1e6 and result["memory_bytes"] > 0 and result["sample_ms_per_image"] > 0
+  assert 0 < result["mfu"] < 1.5  # a measured CPU peak can be beaten a little by a busy neighbour leaving
+  assert result["first_stage_compile_s"] > 0 and result["encode_images_per_s"] > 0
+  assert result["pipeline_images_per_s"] > 0 and np.isfinite(result["loss"])
+
+
+def test_benchmark_cli_rejects_a_batch_that_does_not_divide_over_the_devices():
+  proc = _run_cli("--config=configs/smoke.py", "--batch_sizes=3",
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert proc.returncode == 2
+  assert "batch size 3 does not divide over the 2 devices" in proc.stderr
