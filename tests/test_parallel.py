@@ -32,7 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pixel-space EncDiff with one UNet level on procedural Shapes at 16x16: the smallest real training run.
 PIXEL_CONFIG = textwrap.dedent("""
     from configs import smoke
-from conftest import subprocess_env
 
     def get_config():
       config = smoke.get_config()

@@ -47,7 +47,9 @@ def test_attention_maps_are_distributions_and_capturing_them_changes_nothing(mod
   assert maps.shape == (2, 16, 16, frozen.encoder.num_tokens)
   np.testing.assert_allclose(np.asarray(maps.sum(-1)), 1.0, atol=1e-5)
   plain = generate.sample_from_tokens(frozen, state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0)
-  np.testing.assert_allclose(np.asarray(samples), np.asarray(plain), atol=1e-6)
+  # Without capture the UNet uses fused attention (jax.nn.dot_product_attention), with capture the explicit
+  # softmax it must read the probabilities from: the same samples up to fp32 round-off.
+  np.testing.assert_allclose(np.asarray(samples), np.asarray(plain), atol=1e-5)
   _, coarse = generate.sample_with_attention(frozen, state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0,
                                              side=8)
   assert coarse.shape == (2, 8, 8, frozen.encoder.num_tokens)
