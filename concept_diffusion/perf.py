@@ -50,7 +50,7 @@ def published_peak_flops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5,
+def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 10,
                         device: Any = None) -> float:
   """Best FLOP/s of a (size x size) @ (size x size) matmul on `device`: a measured ceiling for CPUs.
 
@@ -73,7 +73,7 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int =
 def device_peak_flops(device: Any, dtype: str) -> tuple[float | None, str]:
   """(peak FLOP/s per device, where it came from): measured on CPUs, the published table otherwise."""
   if device.platform == "cpu":
-    return measure_matmul_peak(dtype, device=device), f"measured: best {dtype} 2048^3 matmul on this CPU"
+    return measure_matmul_peak(dtype, device=device), f"measured: fastest {dtype} 2048^3 matmul on this CPU"
   peak = published_peak_flops(device.device_kind, dtype)
   if peak is None:
     return None, (f"no published peak for device kind {device.device_kind!r} ({dtype}); MFU is not reported. "

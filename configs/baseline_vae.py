@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   # same 2 h as EncDiff: 60,000 steps = 3.84M images (8 epochs) at the 500-900 img/s expected on two free cores
   # (455 images per CPU-second for the step; the input pipeline costs a share, README). Like train.num_steps,
   # baseline.num_steps may be raised on the same workdir to extend a finished run.
-  bl.num_steps = 60_000
+  # 960,000 images: the 15-minute check had the beta-VAE near its plateau after ~225,000; ~2 h of one core.
+  bl.num_steps = 15_000
   bl.log_every = 500
   bl.checkpoint_every = 5_000
   # Ten evaluations (9 + the final one); each renders and encodes all 480,000 images (~1-2 min).

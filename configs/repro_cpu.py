@@ -69,19 +69,20 @@ def get_config() -> ml_collections.ConfigDict:
   # The EMA UNet only draws the figures (the encoder is evaluated raw, as official). 0.9999 needs ~10^4+ steps
   # to forget the initialisation; 0.999 averages over the last ~1,000 steps.
   train.ema_decay = 0.999
-  # 256,000 images (half of the 480,000 combinations): ~2 h at the ~35 img/s measured for this config (18.8
-  # images per CPU-second, README). The earlier 35-minute check reached its numbers with ~126,000 images.
+  # 128,000 images (the earlier check's 126,000 reached FactorVAE 0.85): measured 21 img/s for one process on the 2
+  # free cores (1.5 s a step; XLA uses the second core poorly at these sizes) and 16.5 img/s each for two runs
+  # pinned one per core (`experiments/reproduce.py --parallel=2`), so ~2.2 h of one core per run.
   # train.num_steps may be raised on the same workdir to extend a finished run.
-  train.num_steps = 8_000
+  train.num_steps = 4_000
   train.log_every = 100
-  train.checkpoint_every = 1_000
+  train.checkpoint_every = 500  # a preempted run loses at most ~15 min
   train.figure_every = 0  # figures at the end only: sampling is slow on a CPU
 
   ev = config.eval
   # Five evaluations per run (4 + the final one) for the metric-vs-time curves. Each renders and encodes all
   # 480,000 images (~2.5 min on two free cores); that time is not in the curves' wall clock (metrics.jsonl
   # "wall_s" counts training only).
-  ev.every = 1_600
+  ev.every = 800
   ev.train_metrics = ("factor_vae", "mig")  # DCI's 5,700 boosted trees take minutes: final evaluation only
   ev.batch_size = 500
 

@@ -1,4 +1,5 @@
 """experiments/reproduce.py: the planned runs, skipping finished ones, the summary tables and the curves figure."""
+import dataclasses
 import json
 import os
 import sys
@@ -75,7 +76,7 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
     _fake_finished_run(workdir, kind, value=0.9 if not kind else 0.6)
     return 0
 
-  monkeypatch.setattr(reproduce.subprocess, "call", fake_train)
+  monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(fake_train))
   assert reproduce.main([f"--root={tmp_path}"]) == 0
   assert sorted(calls) == sorted(EXPECTED)
   summary = json.loads((tmp_path / "summary.json").read_text())
@@ -92,6 +93,55 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
 
 
 def test_a_run_that_exits_without_its_final_evaluation_is_reported(tmp_path, monkeypatch):
-  monkeypatch.setattr(reproduce.subprocess, "call", lambda command, cwd: 0)  # e.g. preempted: exit 0, not done
+  # e.g. preempted: exit 0, not done
+  monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(lambda command, cwd: 0))
   assert reproduce.main([f"--root={tmp_path}", "--only=ablation_adagn"]) == 1
   assert "ablation_adagn" in json.loads((tmp_path / "summary.json").read_text())["not_finished"]
+
+
+def _fake_popen(train):
+  """A Popen stand-in that runs `train(command, cwd)` at once and reports its return value as the exit code."""
+  class FakePopen:
+    def __init__(self, command, cwd, **kwargs):
+      del kwargs
+      self.code = train(command, cwd)
+
+    def poll(self):
+      return self.code
+  return FakePopen
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScriptRun:
+  """A stand-in for reproduce.Run whose command is a short Python script instead of train.py."""
+  name: str
+  finish: bool = True
+
+  def command(self, root, nice=0):
+    del nice
+    workdir = os.path.join(root, self.name)
+    script = (
+        "import json, os, sys, time\n"
+        f"workdir = {workdir!r}\n"
+        "os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)\n"
+        "time.sleep(0.5)\n"  # overlap with the other run, so both slots are busy at once
+        "json.dump({'cores': sorted(os.sched_getaffinity(0)), 'xla_flags': os.environ.get('XLA_FLAGS', '')},"
+        " open(os.path.join(workdir, 'seen.json'), 'w'))\n"
+        "json.dump({'train': {'num_steps': 1}}, open(os.path.join(workdir, 'config.json'), 'w'))\n"
+        f"if {self.finish}: open(os.path.join(workdir, 'eval', 'metrics_1.json'), 'w').write('{{}}')\n"
+    )
+    return [sys.executable, "-c", script]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs Linux and two cores")
+def test_parallel_runs_are_pinned_to_distinct_cores_single_threaded(tmp_path):
+  runs = [_ScriptRun("a"), _ScriptRun("b"), _ScriptRun("c", finish=False)]
+  failed = reproduce.run_all(runs, str(tmp_path), parallel=2, poll_s=0.05)
+  assert failed == ["c"]
+  seen = {run.name: json.loads((tmp_path / run.name / "seen.json").read_text()) for run in runs}
+  assert all(len(s["cores"]) == 1 for s in seen.values())
+  assert seen["a"]["cores"] != seen["b"]["cores"]  # a and b ran at the same time, one per core
+  assert all("intra_op_parallelism_threads=1" in s["xla_flags"] for s in seen.values())
+  with pytest.raises(ValueError, match="--parallel=99"):
+    reproduce.run_all(runs, str(tmp_path), parallel=99)
