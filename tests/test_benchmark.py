@@ -12,6 +12,7 @@ import pytest
 
 from configs import smoke
 from concept_diffusion import generate, parallel, perf
+from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.train import diffusion_stage
 from concept_diffusion.train.workdir import computation_config
 from tests.conftest import REPO_ROOT
@@ -84,10 +85,64 @@ def _losses(config, num_steps):
   return step, losses
 
 
-def test_train_step_compiles_once():
-  step, losses = _losses(_pixel_smoke(), 3)
+def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
+  config = _pixel_smoke()
+  mesh = parallel.make_mesh(config.mesh)
+  step = diffusion_stage.make_train_step(config, mesh)
+  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (config.train.batch_size, 16, 16, 3), minval=-1, maxval=1)
+  for _ in range(2):
+    state, metrics = step(state, images, None, jax.random.PRNGKey(2))
   assert step._cache_size() == 1  # pylint: disable=protected-access
-  assert np.all(np.isfinite(losses))
+  ckpts = StageCheckpoints(str(tmp_path / "diffusion"), async_save=False)
+  ckpts.save(2, state)
+  ckpts.wait()
+  # A resume restores onto the template train.py builds: the restored arrays must hit the same executable (a
+  # changed sharding, dtype or weak type would silently compile the step again on every restart).
+  template = parallel.with_shardings(diffusion_stage.abstract_state(config),
+                                     diffusion_stage.state_shardings(config, mesh))
+  restored = ckpts.restore(template)
+  ckpts.close()
+  resumed, resumed_metrics = step(restored, images, None, jax.random.PRNGKey(2))
+  continued, continued_metrics = step(state, images, None, jax.random.PRNGKey(2))
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert float(resumed_metrics["loss"]) == float(continued_metrics["loss"])
+  assert int(resumed.step) == int(continued.step) == 3 and np.isfinite(float(metrics["loss"]))
+
+
+_CACHE_PROBE_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from concept_diffusion import cli
+cli.enable_compilation_cache({cache!r})
+import jax
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+from concept_diffusion import benchmark, parallel
+from concept_diffusion.train import diffusion_stage
+from tests import test_benchmark
+config = test_benchmark._pixel_smoke()
+mesh = parallel.make_mesh(config.mesh)
+state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+images = jax.numpy.zeros((config.train.batch_size, 16, 16, 3))
+step = diffusion_stage.make_train_step(config, mesh)
+print("cache:", benchmark._CacheProbe().timed_compile(lambda: step.lower(state, images, None, jax.random.PRNGKey(0)))[-1])
+"""
+
+
+def test_a_restarted_process_loads_the_train_step_from_the_persistent_cache(tmp_path):
+  # The cache key must not depend on anything that changes between processes (paths, seeds, object ids):
+  # otherwise every resume or evaluation compiles the step again.
+  script = _CACHE_PROBE_SCRIPT.format(repo=str(REPO_ROOT), cache=str(tmp_path / "cache"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop("JAX_ENABLE_COMPILATION_CACHE", None)
+  outcomes = []
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcomes.append(proc.stdout.strip().splitlines()[-1])
+  assert outcomes == ["cache: miss", "cache: hit"]
 
 
 def test_bfloat16_step_runs_and_its_loss_is_close_to_float32():
