@@ -108,6 +108,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   diff.linear_end = 0.0155
   diff.cosine_s = 8e-3
   diff.loss = "l1"  # paper Table 9: MSE (l2); official config: loss_type l1
+  # eps: EncDiff (predict the noise of x_t). one_shot: paper Table 3's "EncDec w/o Diff" ablation, not a model
+  # to train for its own sake: the UNet gets a learned input tensor instead of x_t and t = 0, and reconstructs
+  # the image from the tokens in one pass (same loss). Sampling is then that single pass.
+  diff.objective = "eps"
 
   train = config.train = ml_collections.ConfigDict()
   train.batch_size = 128  # paper: 64; official config and the reproduction reports: 128

@@ -41,6 +41,15 @@ def _sample(config, state, ae_params, tokens, rng, steps, eta, attention_side=No
   x_T = jax.random.normal(noise_key, (tokens.shape[0],) + latent_shape(config))
   schedule = make_schedule(config.diffusion)
   params = {"params": state.ema_unet}
+  if config.diffusion.get("objective", "eps") == "one_shot":  # the "w/o diffusion" ablation decodes in one pass
+    t0 = jnp.zeros((tokens.shape[0],), jnp.int32)
+    latents, inter = unet.apply(params, x_T, t0, tokens, mutable=["intermediates"])
+    images = first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+    if attention_side is None:
+      return images
+    maps = [p for p in jax.tree_util.tree_leaves(inter) if p.shape[2] == attention_side ** 2]
+    maps = jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)
+    return images, maps.reshape(tokens.shape[0], attention_side, attention_side, tokens.shape[1])
   if attention_side is None:
     latents = ddim_sample(lambda x, t: unet.apply(params, x, t, tokens), schedule, x_T, sample_key, steps, eta)
     return first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)

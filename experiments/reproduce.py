@@ -7,7 +7,8 @@ Runs, each `experiments/train.py` in its own workdir under --root:
   encdiff_seed{0,1,2}      configs/repro_cpu.py
   beta_vae_seed{0,1,2}     configs/baseline_vae.py
   beta_tcvae_seed{0,1,2}   configs/baseline_tcvae.py
-  ablation_tokens5, ablation_tokens10, ablation_adagn   configs/repro_cpu.py with one override, seed 0
+  ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion
+                           configs/repro_cpu.py with one override, seed 0
 (20 tokens with cross-attention is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
 so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
 resumes from its last checkpoint (train.py does that), so the command can be re-run after any interruption.
@@ -16,7 +17,6 @@ ablation table) and --root/curves.png (every evaluated metric against training w
 --parallel=N runs N at a time, each pinned to its own CPU core with XLA's intra-op threading off: these small
 models use a second core poorly (one process on 2 cores: 21 img/s for configs/repro_cpu.py; two pinned processes:
 16.5 img/s each, 33 in all), so on a CPU machine the table finishes 1.6x sooner with one run per core.
-The paper's "without diffusion" ablation (Table 3, one-shot decoder) is not implemented.
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
           first + ("--config.encoder.num_tokens=10",), ablation="10 tokens, cross-attention"),
       Run("ablation_adagn", "EncDiff, AdaGN", "configs/repro_cpu.py", first + ("--config.unet.conditioning=adagn",),
           ablation="20 tokens, AdaGN"),
+      Run("ablation_no_diffusion", "EncDiff, w/o diffusion", "configs/repro_cpu.py",
+          first + ("--config.diffusion.objective=one_shot",), ablation="20 tokens, w/o diffusion (one-shot decoder)"),
   ]
   return models(seeds[0]) + ablations + [run for seed in seeds[1:] for run in models(seed)]
 

@@ -23,6 +23,7 @@ EXPECTED = {
     "ablation_tokens5": ("configs/repro_cpu.py", ["--config.seed=0", "--config.encoder.num_tokens=5"]),
     "ablation_tokens10": ("configs/repro_cpu.py", ["--config.seed=0", "--config.encoder.num_tokens=10"]),
     "ablation_adagn": ("configs/repro_cpu.py", ["--config.seed=0", "--config.unet.conditioning=adagn"]),
+    "ablation_no_diffusion": ("configs/repro_cpu.py", ["--config.seed=0", "--config.diffusion.objective=one_shot"]),
 }
 
 
@@ -83,7 +84,8 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
   assert summary["models"]["EncDiff"]["n_runs"] == 3 and summary["not_finished"] == []
   assert summary["models"]["beta-VAE"]["metrics"]["factor_vae.eval_accuracy"]["mean"] == pytest.approx(0.6)
   assert set(summary["ablations"]) == {"5 tokens, cross-attention", "10 tokens, cross-attention",
-                                       "20 tokens, cross-attention", "20 tokens, AdaGN"}
+                                       "20 tokens, cross-attention", "20 tokens, AdaGN",
+                                       "20 tokens, w/o diffusion (one-shot decoder)"}
   text = (tmp_path / "summary.md").read_text()
   assert "EncDiff (n=3)" in text and "beta-TCVAE (n=3)" in text and "## EncDiff ablations" in text
   assert Image.open(tmp_path / "curves.png").size[0] > 500

@@ -76,3 +76,36 @@ def test_adagn_goes_through_the_unchanged_train_step_and_sampler():
   _, tokens = generate.encode(frozen, state, images)
   samples = generate.sample_from_tokens(frozen, state, None, tokens, jax.random.PRNGKey(3), steps=2, eta=1.0)
   assert samples.shape == images.shape and bool(jnp.all(jnp.isfinite(samples)))
+
+
+def test_without_diffusion_ablation_decodes_the_tokens_in_one_pass():
+  """diffusion.objective=one_shot (paper Table 3 "EncDec w/o Diff"): a learned input replaces x_t, t = 0, and the
+  loss is the reconstruction error of the image; sampling is that one pass."""
+  config = _one_level(smoke.get_config())
+  config.first_stage.kind = "none"
+  config.diffusion.objective = "one_shot"
+  config.diffusion.loss = "l2"
+  state = jax.jit(functools.partial(diffusion_stage.create_diffusion_state, config))(jax.random.PRNGKey(0))
+  learned = np.asarray(state.params["unet"]["learned_input"])
+  assert learned.shape == (1, 16, 16, 3) and 0.5 < float(np.std(learned)) < 1.5
+  images = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  # A fresh UNet outputs exactly 0 (zero-initialised output conv): the first loss is mean(images^2), whatever
+  # the noise or timestep keys (there are none in this objective).
+  step = diffusion_stage.make_train_step(config)  # donates the state it is given: step a copy first
+  _, metrics_other_key = step(jax.tree_util.tree_map(jnp.copy, state), images, None, jax.random.PRNGKey(9))
+  after, metrics = step(state, images, None, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(float(metrics["loss"]), float(jnp.mean(images ** 2)), rtol=1e-5)
+  assert float(metrics["loss"]) == float(metrics_other_key["loss"])
+  np.testing.assert_array_equal(after.params["unet"]["learned_input"], learned)  # zero output conv: no grad yet
+  for _ in range(3):
+    after, metrics = step(after, images, None, jax.random.PRNGKey(2))
+  frozen = computation_config(config)
+  _, tokens = generate.encode(frozen, after, images)
+  sample = lambda key: generate.sample_from_tokens(frozen, after, None, tokens, key, steps=50, eta=1.0)
+  one, other = sample(jax.random.PRNGKey(3)), sample(jax.random.PRNGKey(4))
+  np.testing.assert_array_equal(one, other)  # no noise anywhere: the decode depends on the tokens only
+  unet = build_unet(config.unet, 3, learned_input=True)
+  t0 = jnp.zeros((4,), jnp.int32)
+  direct = unet.apply({"params": after.ema_unet}, jnp.zeros_like(images), t0, tokens)
+  np.testing.assert_allclose(one, direct, atol=1e-6)  # the x given is ignored: the learned input is used
+  assert float(jnp.abs(one).max()) > 0  # the step moved the output conv off zero

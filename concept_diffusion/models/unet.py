@@ -48,6 +48,9 @@ class UNet(nn.Module):
   conv_impl: str = "auto"
   attention_impl: str = "auto"
   remat: bool = False
+  # Paper Table 3's "EncDec w/o Diff": x is replaced by one learned tensor (initialised N(0, 1), shared by the
+  # batch), so the output can depend on the image only through the tokens.
+  learned_input: bool = False
 
   def _res(self, ch: int, name: str, resample: str = "none") -> ResBlock:
     # static_argnums counts `self`: 3 is `train` in block(x, emb, train, cond).
@@ -76,6 +79,8 @@ class UNet(nn.Module):
     elif self.conditioning != "cross_attention":
       raise ValueError(f"unet.conditioning must be 'cross_attention' or 'adagn', got {self.conditioning!r}.")
 
+    if self.learned_input:
+      x = jnp.broadcast_to(self.param("learned_input", nn.initializers.normal(1.0), (1,) + x.shape[1:]), x.shape)
     h = conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype, impl=self.conv_impl)(
         x.astype(self.dtype))
     skips, chans = [h], [self.model_channels]
@@ -129,11 +134,12 @@ class UNet(nn.Module):
     return out.astype(jnp.float32)
 
 
-def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32) -> UNet:
+def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32, learned_input: bool = False) -> UNet:
   return UNet(in_channels=latent_channels, out_channels=latent_channels, model_channels=unet_config.model_channels,
               channel_mult=tuple(unet_config.channel_mult), num_res_blocks=unet_config.num_res_blocks,
               attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
               transformer_depth=unet_config.transformer_depth, dropout=unet_config.dropout,
               use_scale_shift_norm=unet_config.use_scale_shift_norm, resblock_updown=unet_config.resblock_updown,
               norm_groups=unet_config.norm_groups, conditioning=unet_config.conditioning, dtype=dtype,
-              conv_impl=unet_config.conv_impl, attention_impl=unet_config.attention_impl, remat=unet_config.remat)
+              conv_impl=unet_config.conv_impl, attention_impl=unet_config.attention_impl, remat=unet_config.remat,
+              learned_input=learned_input)

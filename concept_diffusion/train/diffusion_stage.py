@@ -48,7 +48,9 @@ def latent_shape(config) -> tuple[int, int, int]:
 
 def build_models(config) -> tuple[ConceptEncoder, UNet]:
   dtype = COMPUTE_DTYPES[config.train.get("compute_dtype", "float32")]
-  return build_encoder(config.encoder), build_unet(config.unet, latent_shape(config)[-1], dtype)
+  one_shot = config.diffusion.get("objective", "eps") == "one_shot"
+  return build_encoder(config.encoder), build_unet(config.unet, latent_shape(config)[-1], dtype,
+                                                   learned_input=one_shot)
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
@@ -91,9 +93,12 @@ def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: An
   t_key, noise_key, drop_key = jax.random.split(rng, 3)
 
   latents = jax.lax.stop_gradient(first_stage.first_stage_encode(config, ae_params, images)) * state.scale_factor
-  t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
-  noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
-  x_t = q_sample(schedule, latents, t, noise)
+  if config.diffusion.get("objective", "eps") == "one_shot":  # no noise, no timesteps: the UNet decodes the tokens at once
+    t, x_t, noise = jnp.zeros((images.shape[0],), jnp.int32), jnp.zeros_like(latents), latents
+  else:
+    t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
+    x_t = q_sample(schedule, latents, t, noise)
 
   def loss_fn(params):
     (_, tokens), updates = encoder.apply({"params": params["encoder"], "batch_stats": state.batch_stats}, images,

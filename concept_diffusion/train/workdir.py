@@ -49,6 +49,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.first_stage.kind in ("vq", "kl", "none"), "first_stage.kind must be 'vq', 'kl' or 'none'"),
       (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.diffusion.get("objective", "eps") in ("eps", "one_shot"),
+       "diffusion.objective must be 'eps' or 'one_shot'"),
       (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
       (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
       (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
