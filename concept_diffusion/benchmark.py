@@ -29,29 +29,31 @@ def make_batches(config, dataset, batch_size: int, mesh) -> Any:
 
 
 class _CacheProbe:
-  """Whether a compile was served by the persistent compilation cache: a miss writes a new entry."""
+  """Whether a compile was served by the persistent compilation cache, from JAX's own monitoring events (a
+  directory listing would call a failed cache write, e.g. two processes racing on one entry, a hit)."""
+
+  _EVENTS = {"/jax/compilation_cache/cache_hits": "hit", "/jax/compilation_cache/cache_misses": "miss"}
 
   def __init__(self):
     self.path = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
 
-  def _entries(self) -> set[str]:
-    # Executables are "<name>-<key>-cache"; the cache also writes "-atime" files when it reads an entry.
-    if not (self.path and os.path.isdir(self.path)):
-      return set()
-    return {name for name in os.listdir(self.path) if name.endswith("-cache")}
-
   def timed_compile(self, lower) -> tuple[Any, float, float, str]:
     """(compiled, seconds tracing + lowering, seconds compiling or loading from the cache, cache outcome)."""
-    before = self._entries()
-    start = time.perf_counter()
-    lowered = lower()
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    lower_s, compile_s = lowered_at - start, time.perf_counter() - lowered_at
+    seen = []
+    listener = lambda event, **kwargs: seen.append(self._EVENTS[event]) if event in self._EVENTS else None
+    jax.monitoring.register_event_listener(listener)
+    try:
+      start = time.perf_counter()
+      lowered = lower()
+      lowered_at = time.perf_counter()
+      compiled = lowered.compile()
+      lower_s, compile_s = lowered_at - start, time.perf_counter() - lowered_at
+    finally:
+      jax.monitoring.unregister_event_listener(listener)
     if not self.path:
       return compiled, lower_s, compile_s, "off"
-    # No new entry: served from the cache (or too quick to be cached, jax_persistent_cache_min_compile_time_secs).
-    return compiled, lower_s, compile_s, "miss" if self._entries() - before else "hit"
+    # Neither event: not looked up (quicker than jax_persistent_cache_min_compile_time_secs to compile).
+    return compiled, lower_s, compile_s, seen[-1] if seen else "uncached"
 
 
 def random_ae_params(config, mesh) -> Any:
