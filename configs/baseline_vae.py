@@ -21,14 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
   bl.latent_dim = 10
   bl.batch_size = 64
   bl.lr = 1e-4
-  # disentanglement_lib trains 300,000 steps (19.2M images): 6+ h here. The CPU table gives the VAEs about the
-  # same 2 h as EncDiff: 60,000 steps = 3.84M images (8 epochs) at the 500-900 img/s expected on two free cores
-  # (455 images per CPU-second for the step; the input pipeline costs a share, README). Like train.num_steps,
-  # baseline.num_steps may be raised on the same workdir to extend a finished run.
-  # 960,000 images: the 15-minute check had the beta-VAE near its plateau after ~225,000; ~2 h of one core.
+  # disentanglement_lib trains 300,000 steps (19.2M images): 6+ h here. The CPU table gives each VAE 15,000 steps
+  # = 960,000 images (2 epochs), ~35 min of one core at the measured 7 steps/s (`reproduce.py --parallel=2`):
+  # an earlier 15-minute check had the beta-VAE near its plateau after ~225,000 images, so this is past it.
+  # Like train.num_steps, baseline.num_steps may be raised on the same workdir to extend a finished run.
   bl.num_steps = 15_000
   bl.log_every = 500
-  bl.checkpoint_every = 5_000
-  # Ten evaluations (9 + the final one); each renders and encodes all 480,000 images (~1-2 min).
-  config.eval.every = 6_000
+  bl.checkpoint_every = 1_000
+  # Five evaluations (4 + the final one); each renders and encodes all 480,000 images (~1-2 min).
+  config.eval.every = 3_000
   return config
