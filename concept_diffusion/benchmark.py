@@ -198,7 +198,9 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   # The best peak seen over the run: other processes only ever slow the matmul down, and an MFU against a
   # momentarily depressed peak would flatter the step (and could exceed 100%).
   peak = None if peaks[0] is None else max(peaks)
-  total_peak = None if peak is None else peak * len(devices)
+  # CPU "devices" of one process (--xla_force_host_platform_device_count) share the cores the matmul already used.
+  per_host = devices[0].platform == "cpu"
+  total_peak = None if peak is None else peak * (jax.process_count() if per_host else len(devices))
   report.update(peak_flops=total_peak, peak_flops_per_device=peak,
                 peak_flops_samples=[p for p in peaks if p is not None], load_average_end=_load_average())
   for result in report["results"]:
