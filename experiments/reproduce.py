@@ -163,7 +163,42 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
   missing = [run.name for run in runs if run not in done]
   if missing:
     text += [f"Not finished: {', '.join(missing)}.", ""]
-  return "\n".join(text), {"models": summary, "ablations": ablations, "not_finished": missing}
+  rows = run_rows(runs, root)
+  if rows:
+    text += ["## Every run (latest evaluation; training wall clock excludes evaluation)", "",
+             "| run | steps done / planned | images seen | training wall (min) | evaluated at step | "
+             + " | ".join(CURVE_METRICS) + " |", "|---" * (5 + len(CURVE_METRICS)) + "|"]
+    for row in rows:
+      values = " | ".join("" if row.get(m) is None else f"{row[m]:.3f}" for m in CURVE_METRICS)
+      text.append(f"| {row['run']} | {row['step']} / {row['planned']} | {row['images_seen']:,} | "
+                  f"{row['wall_min']:.1f} | {row.get('eval_step', '')} | {values} |")
+    text.append("")
+  return "\n".join(text), {"models": summary, "ablations": ablations, "not_finished": missing, "runs": rows}
+
+
+def run_rows(runs: Sequence[Run], root: str) -> list[dict]:
+  """One row per started run: progress (last training record) and its latest evaluation, finished or not."""
+  rows = []
+  for run in runs:
+    workdir = os.path.join(root, run.name)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    last = {}
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        record = json.loads(line) if line.strip() else {}
+        if record.get("stage") != "eval" and "wall_s" in record:
+          last = record
+    row = {"run": run.name, "finished": is_finished(workdir), "step": last.get("step", 0),
+           "planned": final_step(workdir), "images_seen": int(last.get("images_seen", 0)),
+           "wall_min": last.get("wall_s", 0.0) / 60}
+    evals = eval_curves(workdir)
+    if evals:
+      row["eval_step"] = evals[-1]["step"]
+      row.update({m: evals[-1].get(m) for m in CURVE_METRICS})
+    rows.append(row)
+  return rows
 
 
 def single_core_env(core: int) -> dict[str, str]:
@@ -218,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--dry_run", action="store_true", help="print the commands (and what is done) and stop")
   parser.add_argument("--only", default="", help="comma-separated run names to run (default: all)")
   parser.add_argument("--nice", type=int, default=0, help="run the training commands under `nice -n NICE`")
+  parser.add_argument("--summary_only", action="store_true",
+                      help="train nothing: write summary.md/.json and curves.png from the runs as they are (runs "
+                           "still training elsewhere show up with the evaluations they have so far)")
   parser.add_argument("--parallel", type=int, default=1,
                       help="runs at a time; above 1, each is pinned to its own CPU core (CPU machines)")
   args = parser.parse_args(argv)
@@ -239,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"[done] {run.name}")
     else:
       pending.append(run)
+  if args.summary_only:
+    pending = []
   if args.dry_run:
     for run in pending:
       print("[would run] " + " ".join(run.command(root, nice=args.nice)), flush=True)

@@ -147,3 +147,27 @@ def test_parallel_runs_are_pinned_to_distinct_cores_single_threaded(tmp_path):
   assert all("intra_op_parallelism_threads=1" in s["xla_flags"] for s in seen.values())
   with pytest.raises(ValueError, match="--parallel=99"):
     reproduce.run_all(runs, str(tmp_path), parallel=99)
+
+
+def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_path, monkeypatch):
+  def must_not_train(*args, **kwargs):
+    raise AssertionError("--summary_only must not start a run")
+  monkeypatch.setattr(reproduce.subprocess, "Popen", must_not_train)
+  _fake_finished_run(str(tmp_path / "beta_vae_seed0"), "beta_vae", steps=20, value=0.8)
+  running = tmp_path / "encdiff_seed0"  # half-way: a training record at step 10, one evaluation at step 8
+  running.mkdir()
+  (running / "config.json").write_text(json.dumps({"train": {"num_steps": 40}, "baseline": {"kind": ""}}))
+  (running / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+      {"stage": "diffusion", "step": 8, "loss": 0.5, "wall_s": 60.0, "images_seen": 256},
+      {"stage": "eval", "step": 8, "factor_vae.eval_accuracy": 0.7, "wall_s": 60.0, "images_seen": 256},
+      {"stage": "diffusion", "step": 10, "loss": 0.4, "wall_s": 90.0, "images_seen": 320}]) + "\n")
+  assert reproduce.main([f"--root={tmp_path}", "--summary_only"]) == 0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  rows = {row["run"]: row for row in summary["runs"]}
+  assert set(rows) == {"encdiff_seed0", "beta_vae_seed0"}
+  assert rows["encdiff_seed0"] == {"run": "encdiff_seed0", "finished": False, "step": 10, "planned": 40,
+                                   "images_seen": 320, "wall_min": 1.5, "eval_step": 8,
+                                   "factor_vae.eval_accuracy": 0.7, "dci.disentanglement": None,
+                                   "mig.discrete_mig": None}
+  assert rows["beta_vae_seed0"]["finished"] and "encdiff_seed0" in summary["not_finished"]
+  assert "| encdiff_seed0 | 10 / 40 | 320 | 1.5 | 8 | 0.700 |  |  |" in (tmp_path / "summary.md").read_text()
