@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -201,12 +203,27 @@ def run_rows(runs: Sequence[Run], root: str) -> list[dict]:
   return rows
 
 
-def single_core_env(core: int) -> dict[str, str]:
+def single_core_env() -> dict[str, str]:
   """The environment of a run pinned to one core: XLA:CPU without its intra-op thread pool."""
   env = dict(os.environ)
   flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
   return env
+
+
+def _lower_priority(core: int | None, nice: int) -> None:
+  """In the child before exec: pin it to `core`, and under Linux's autogroup scheduling (one group per session,
+  e.g. per terminal) lower its group's weight too, since `nice` alone only ranks processes within a group and
+  would leave the run competing on equal terms with the user's other sessions."""
+  if core is not None:
+    os.sched_setaffinity(0, {core})
+  if nice > 0:
+    os.setsid()  # its own session, so its own autogroup: lowering it leaves the caller's session alone
+    try:
+      with open("/proc/self/autogroup", "w", encoding="ascii") as f:
+        f.write(str(min(nice, 19)))
+    except OSError:  # not Linux, or autogroup off: `nice` alone then does the job
+      pass
 
 
 def run_all(runs: Sequence[Run], root: str, *, nice: int = 0, parallel: int = 1,
@@ -218,6 +235,21 @@ def run_all(runs: Sequence[Run], root: str, *, nice: int = 0, parallel: int = 1,
     raise ValueError(f"--parallel={parallel} but only {len(cores)} CPU cores are available to this process; "
                      f"use --parallel<={len(cores)}.")
   queue, active, failed = list(runs), {}, []  # active: free-core index -> (run, process)
+  try:
+    _schedule(queue, active, failed, root, nice=nice, parallel=parallel, cores=cores, poll_s=poll_s)
+  except KeyboardInterrupt:
+    # Runs with --nice live in their own sessions, out of reach of the terminal's Ctrl-C: stop them the way a
+    # preemption does (SIGTERM: train.py saves a checkpoint and exits 0), so the next call resumes them.
+    for run, process in active.values():
+      process.terminate()
+    for run, process in active.values():
+      process.wait()
+      print(f"[stopped] {run.name}; re-run this command to resume it.", flush=True)
+    raise
+  return failed
+
+
+def _schedule(queue, active, failed, root, *, nice, parallel, cores, poll_s) -> None:
   while queue or active:
     for slot in range(parallel):
       if slot in active or not queue:
@@ -225,12 +257,9 @@ def run_all(runs: Sequence[Run], root: str, *, nice: int = 0, parallel: int = 1,
       run = queue.pop(0)
       command = run.command(root, nice=nice)
       print("[run] " + " ".join(command) + (f"  (core {cores[slot]})" if parallel > 1 else ""), flush=True)
-      if parallel > 1:
-        core = cores[slot]
-        process = subprocess.Popen(command, cwd=REPO, env=single_core_env(core),
-                                   preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}))
-      else:
-        process = subprocess.Popen(command, cwd=REPO)
+      core = cores[slot] if parallel > 1 else None
+      process = subprocess.Popen(command, cwd=REPO, env=single_core_env() if core is not None else None,
+                                 preexec_fn=functools.partial(_lower_priority, core, nice))
       active[slot] = (run, process)
     for slot, (run, process) in list(active.items()):
       code = process.poll()
@@ -244,7 +273,11 @@ def run_all(runs: Sequence[Run], root: str, *, nice: int = 0, parallel: int = 1,
         print(f"[finished] {run.name}", flush=True)
     if active:
       time.sleep(poll_s)
-  return failed
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in pending:
       print("[would run] " + " ".join(run.command(root, nice=args.nice)), flush=True)
   else:
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the runs as Ctrl-C does
     failed = run_all(pending, root, nice=args.nice, parallel=args.parallel)
   if args.dry_run:
     print(f"[would write] {os.path.join(root, 'summary.md')}, {os.path.join(root, 'summary.json')}, "

@@ -171,3 +171,49 @@ def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_p
                                    "mig.discrete_mig": None}
   assert rows["beta_vae_seed0"]["finished"] and "encdiff_seed0" in summary["not_finished"]
   assert "| encdiff_seed0 | 10 / 40 | 320 | 1.5 | 8 | 0.700 |  |  |" in (tmp_path / "summary.md").read_text()
+
+
+_SLEEPER = """
+import json, os, signal, sys, time
+workdir = sys.argv[1]
+os.makedirs(workdir, exist_ok=True)
+autogroup = open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else ''
+json.dump({'sid': os.getsid(0), 'autogroup': autogroup}, open(os.path.join(workdir, 'seen.json'), 'w'))
+def stop(signum, frame):
+  open(os.path.join(workdir, 'stopped'), 'w').close()
+  sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(60)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class _SleeperRun:
+  name: str
+
+  def command(self, root, nice=0):
+    return ["nice", "-n", str(nice), sys.executable, "-c", _SLEEPER, os.path.join(root, self.name)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sessions and autogroups are Linux's")
+def test_niced_runs_get_their_own_session_and_are_stopped_like_a_preemption_on_ctrl_c(tmp_path):
+  import signal
+  import threading
+  run = _SleeperRun("sleeper")
+  seen = tmp_path / "sleeper" / "seen.json"
+
+  def interrupt_once_started():
+    for _ in range(300):
+      if seen.exists():
+        break
+      threading.Event().wait(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  threading.Thread(target=interrupt_once_started, daemon=True).start()
+  with pytest.raises(KeyboardInterrupt):
+    reproduce.run_all([run], str(tmp_path), nice=7, poll_s=0.05)
+  assert (tmp_path / "sleeper" / "stopped").exists()  # SIGTERM reached it: train.py would save and exit 0
+  info = json.loads(seen.read_text())
+  assert info["sid"] != os.getsid(0)  # its own session, so its own autogroup ...
+  if info["autogroup"]:
+    assert info["autogroup"].strip().endswith("nice 7")  # ... whose weight was lowered, not ours
