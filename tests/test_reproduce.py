@@ -177,12 +177,14 @@ _SLEEPER = """
 import json, os, signal, sys, time
 workdir = sys.argv[1]
 os.makedirs(workdir, exist_ok=True)
-autogroup = open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else ''
-json.dump({'sid': os.getsid(0), 'autogroup': autogroup}, open(os.path.join(workdir, 'seen.json'), 'w'))
 def stop(signum, frame):
   open(os.path.join(workdir, 'stopped'), 'w').close()
   sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGTERM, stop)  # before seen.json: the test interrupts as soon as that file exists
+autogroup = open('/proc/self/autogroup').read() if os.path.exists('/proc/self/autogroup') else ''
+with open(os.path.join(workdir, 'seen.json.tmp'), 'w') as f:
+  json.dump({'sid': os.getsid(0), 'autogroup': autogroup}, f)
+os.replace(os.path.join(workdir, 'seen.json.tmp'), os.path.join(workdir, 'seen.json'))
 time.sleep(60)
 """
 
