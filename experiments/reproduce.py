@@ -93,16 +93,21 @@ def is_finished(workdir: str) -> bool:
   return step is not None and os.path.exists(os.path.join(workdir, "eval", f"metrics_{step}.json"))
 
 
-def eval_curves(workdir: str) -> list[dict]:
-  """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step."""
+def _records(workdir: str) -> list[dict]:
+  """The run's metrics.jsonl records, in order ([] before the run wrote any)."""
   path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_curves(workdir: str, records: Sequence[dict] | None = None) -> list[dict]:
+  """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step."""
   by_step = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        record = json.loads(line) if line.strip() else {}
-        if record.get("stage") == "eval" and "wall_s" in record:
-          by_step[record["step"]] = record  # a re-evaluation of a step replaces the earlier one
+  for record in _records(workdir) if records is None else records:
+    if record.get("stage") == "eval" and "wall_s" in record:
+      by_step[record["step"]] = record  # a re-evaluation of a step replaces the earlier one
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -183,19 +188,15 @@ def run_rows(runs: Sequence[Run], root: str) -> list[dict]:
   rows = []
   for run in runs:
     workdir = os.path.join(root, run.name)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
       continue
-    last = {}
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        record = json.loads(line) if line.strip() else {}
-        if record.get("stage") != "eval" and "wall_s" in record:
-          last = record
+    records = _records(workdir)
+    training = [r for r in records if r.get("stage") != "eval" and "wall_s" in r]
+    last = training[-1] if training else {}
     row = {"run": run.name, "finished": is_finished(workdir), "step": last.get("step", 0),
            "planned": final_step(workdir), "images_seen": int(last.get("images_seen", 0)),
            "wall_min": last.get("wall_s", 0.0) / 60}
-    evals = eval_curves(workdir)
+    evals = eval_curves(workdir, records)
     if evals:
       row["eval_step"] = evals[-1]["step"]
       row.update({m: evals[-1].get(m) for m in CURVE_METRICS})
@@ -303,7 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   selected = [run for run in runs if not names or run.name in names]
   root = os.path.abspath(args.root)
-  failed = []
   pending = []
   for run in selected:
     if is_finished(os.path.join(root, run.name)):
@@ -315,13 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.dry_run:
     for run in pending:
       print("[would run] " + " ".join(run.command(root, nice=args.nice)), flush=True)
-  else:
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the runs as Ctrl-C does
-    failed = run_all(pending, root, nice=args.nice, parallel=args.parallel)
-  if args.dry_run:
     print(f"[would write] {os.path.join(root, 'summary.md')}, {os.path.join(root, 'summary.json')}, "
           f"{os.path.join(root, 'curves.png')}")
     return 0
+  signal.signal(signal.SIGTERM, _interrupt)  # stop the runs as Ctrl-C does
+  failed = run_all(pending, root, nice=args.nice, parallel=args.parallel)
   os.makedirs(root, exist_ok=True)
   text, data = summarise(runs, root)
   with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
