@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from concept_diffusion.diffusion import ddim_sample, ddim_timesteps, make_schedule
 from concept_diffusion.train import first_stage
-from concept_diffusion.train.diffusion_stage import DiffusionState, build_models, latent_shape
+from concept_diffusion.train.diffusion_stage import DiffusionState, build_models, is_one_shot, latent_shape
 
 
 def encode(config, state: DiffusionState, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -41,29 +41,33 @@ def _sample(config, state, ae_params, tokens, rng, steps, eta, attention_side=No
   x_T = jax.random.normal(noise_key, (tokens.shape[0],) + latent_shape(config))
   schedule = make_schedule(config.diffusion)
   params = {"params": state.ema_unet}
-  if config.diffusion.get("objective", "eps") == "one_shot":  # the "w/o diffusion" ablation decodes in one pass
+  decode = lambda latents: first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+  if is_one_shot(config):  # the "w/o diffusion" ablation decodes the tokens in one pass
     t0 = jnp.zeros((tokens.shape[0],), jnp.int32)
-    latents, inter = unet.apply(params, x_T, t0, tokens, mutable=["intermediates"])
-    images = first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
     if attention_side is None:
-      return images
-    maps = [p for p in jax.tree_util.tree_leaves(inter) if p.shape[2] == attention_side ** 2]
-    maps = jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)
-    return images, maps.reshape(tokens.shape[0], attention_side, attention_side, tokens.shape[1])
+      return decode(unet.apply(params, x_T, t0, tokens))
+    latents, inter = unet.apply(params, x_T, t0, tokens, mutable=["intermediates"])
+    maps = _mean_attention(inter, attention_side)
+    return decode(latents), maps.reshape(tokens.shape[0], attention_side, attention_side, tokens.shape[1])
   if attention_side is None:
-    latents = ddim_sample(lambda x, t: unet.apply(params, x, t, tokens), schedule, x_T, sample_key, steps, eta)
-    return first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+    return decode(ddim_sample(lambda x, t: unet.apply(params, x, t, tokens), schedule, x_T, sample_key, steps, eta))
 
   def eps_and_maps(x, t):
     eps, inter = unet.apply(params, x, t, tokens, mutable=["intermediates"])
-    maps = [p for p in jax.tree_util.tree_leaves(inter) if p.shape[2] == attention_side ** 2]
-    return eps, jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)  # (B, HW, N)
+    return eps, _mean_attention(inter, attention_side)
 
   aux = jnp.zeros((tokens.shape[0], attention_side ** 2, tokens.shape[1]), jnp.float32)
   latents, maps = ddim_sample(eps_and_maps, schedule, x_T, sample_key, steps, eta, aux_init=aux)
-  images = first_stage.first_stage_decode(config, ae_params, latents / state.scale_factor)
+  images = decode(latents)
   maps = maps / len(ddim_timesteps(schedule.num_timesteps, steps))
   return images, maps.reshape(tokens.shape[0], attention_side, attention_side, tokens.shape[1])
+
+
+def _mean_attention(intermediates, side: int) -> jax.Array:
+  """(B, side*side, N): the recorded cross-attention probabilities of the layers with that query grid, averaged
+  over heads and layers."""
+  maps = [p for p in jax.tree_util.tree_leaves(intermediates) if p.shape[2] == side ** 2]
+  return jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)
 
 
 def attention_sides(config) -> tuple[int, ...]:

@@ -46,11 +46,15 @@ def latent_shape(config) -> tuple[int, int, int]:
   return size // factor, size // factor, config.first_stage.embed_dim
 
 
+def is_one_shot(config) -> bool:
+  """The "without diffusion" ablation (diffusion.objective=one_shot): no noise, no timesteps, one decoding pass."""
+  return config.diffusion.get("objective", "eps") == "one_shot"
+
+
 def build_models(config) -> tuple[ConceptEncoder, UNet]:
   dtype = COMPUTE_DTYPES[config.train.get("compute_dtype", "float32")]
-  one_shot = config.diffusion.get("objective", "eps") == "one_shot"
   return build_encoder(config.encoder), build_unet(config.unet, latent_shape(config)[-1], dtype,
-                                                   learned_input=one_shot)
+                                                   learned_input=is_one_shot(config))
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
@@ -93,7 +97,7 @@ def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: An
   t_key, noise_key, drop_key = jax.random.split(rng, 3)
 
   latents = jax.lax.stop_gradient(first_stage.first_stage_encode(config, ae_params, images)) * state.scale_factor
-  if config.diffusion.get("objective", "eps") == "one_shot":  # no noise, no timesteps: the UNet decodes the tokens at once
+  if is_one_shot(config):  # the UNet decodes the tokens at once: its target is the image itself
     t, x_t, noise = jnp.zeros((images.shape[0],), jnp.int32), jnp.zeros_like(latents), latents
   else:
     t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
