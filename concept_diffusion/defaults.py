@@ -112,6 +112,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # to train for its own sake: the UNet gets a learned input tensor instead of x_t and t = 0, and reconstructs
   # the image from the tokens in one pass (same loss). Sampling is then that single pass.
   diff.objective = "eps"
+  # How training draws t. uniform: official (randint over all T). logit_normal: t/T = sigmoid(N(mean, std)),
+  # as in Esser et al. 2024 (SD3): most draws at mid noise, where the tokens change the UNet's error most and the
+  # encoder's gradient is largest (at small t x_t alone gives the noise, at large t nothing does). Not in the
+  # paper; a budget option for short runs. The loss stays the plain unweighted noise MSE over the drawn t.
+  diff.timestep_sampling = "uniform"
+  diff.timestep_logit_mean = 0.0
+  diff.timestep_logit_std = 1.0
 
   train = config.train = ml_collections.ConfigDict()
   train.batch_size = 128  # paper: 64; official config and the reproduction reports: 128

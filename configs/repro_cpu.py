@@ -65,23 +65,26 @@ def get_config() -> ml_collections.ConfigDict:
   # The earlier check's value, a little above the official 2.56e-4 (at a 4x larger batch): with this few steps,
   # speed matters more than the last bit of stability. AdamW with weight decay 0.01 as official.
   train.lr = 3e-4
-  train.warmup_steps = 500  # official 10,000 would be most of the run
+  # Official 10,000 would be the whole run. 100, not 500: measured (session 4), this UNet's loss was still 0.55 at
+  # step 300 of a 500-step warm-up (the zero-initialised output convolutions grow at the learning rate), and the
+  # tokens had no measurable effect on the loss yet; the warm-up only slowed the start of a 2,400-step run.
+  train.warmup_steps = 100
   # The EMA UNet only draws the figures (the encoder is evaluated raw, as official). 0.9999 needs ~10^4+ steps
   # to forget the initialisation; 0.999 averages over the last ~1,000 steps.
   train.ema_decay = 0.999
-  # 128,000 images (the earlier check's 126,000 reached FactorVAE 0.85): measured 21 img/s for one process on the 2
-  # free cores (1.5 s a step; XLA uses the second core poorly at these sizes) and 16.5 img/s each for two runs
-  # pinned one per core (`experiments/reproduce.py --parallel=2`), so ~2.2 h of one core per run.
-  # train.num_steps may be raised on the same workdir to extend a finished run.
-  train.num_steps = 4_000
+  # 76,800 images: measured 16.5 img/s for each of two runs pinned one per core (`experiments/reproduce.py
+  # --parallel=2`), so ~78 min of training + 3 evaluations (~5 min each on one core) ≈ 1.6 h of one core. Two
+  # runs then finish within one ~2 h sitting, which matters where run directories do not outlive the sitting
+  # (the development VM; RESULTS.md). train.num_steps may be raised on the same workdir to extend a finished run.
+  train.num_steps = 2_400
   train.log_every = 100
   train.checkpoint_every = 500  # a preempted run loses at most ~15 min
   train.figure_every = 0  # figures at the end only: sampling is slow on a CPU
 
   ev = config.eval
-  # Five evaluations per run (4 + the final one) for the metric-vs-time curves. Each renders and encodes all
-  # 480,000 images (~2.5 min on two free cores); that time is not in the curves' wall clock (metrics.jsonl
-  # "wall_s" counts training only).
+  # Three evaluations per run (800, 1,600, 2,400 = the final one) for the metric-vs-time curves, at the same
+  # steps as the first (4,000-step) encdiff_seed0 run's. Each renders and encodes all 480,000 images (~5 min on
+  # one core); that time is not in the curves' wall clock (metrics.jsonl "wall_s" counts training only).
   ev.every = 800
   ev.train_metrics = ("factor_vae", "mig")  # DCI's 5,700 boosted trees take minutes: final evaluation only
   ev.batch_size = 500

@@ -7,7 +7,7 @@ Runs, each `experiments/train.py` in its own workdir under --root:
   encdiff_seed{0,1,2}      configs/repro_cpu.py
   beta_vae_seed{0,1,2}     configs/baseline_vae.py
   beta_tcvae_seed{0,1,2}   configs/baseline_tcvae.py
-  ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion
+  ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion, ablation_logit_normal_t
                            configs/repro_cpu.py with one override, seed 0
 (20 tokens with cross-attention is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
 so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,10 @@ def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
           ablation="20 tokens, AdaGN"),
       Run("ablation_no_diffusion", "EncDiff, w/o diffusion", "configs/repro_cpu.py",
           first + ("--config.diffusion.objective=one_shot",), ablation="20 tokens, w/o diffusion (one-shot decoder)"),
+      # Not in the paper: training timesteps drawn around mid noise, where the tokens matter most (RESULTS.md).
+      Run("ablation_logit_normal_t", "EncDiff, logit-normal t", "configs/repro_cpu.py",
+          first + ("--config.diffusion.timestep_sampling=logit_normal",),
+          ablation="20 tokens, t/T ~ sigmoid(N(0, 1)) (not in the paper)"),
   ]
   return models(seeds[0]) + ablations + [run for seed in seeds[1:] for run in models(seed)]
 
@@ -276,6 +281,28 @@ def _schedule(queue, active, failed, root, *, nice, parallel, cores, poll_s) -> 
       time.sleep(poll_s)
 
 
+def archive_runs(runs: Sequence[Run], root: str, archive: str) -> list[str]:
+  """Copies what the table and curves are built from (config.json, metrics.jsonl, eval/metrics_*.json; a few KB,
+  no checkpoints) of every started run to archive/<run>, so `--summary_only --root=<archive>` rebuilds them
+  anywhere, e.g. from a results folder kept in git after the workdirs are gone. Returns the runs copied."""
+  copied = []
+  for run in runs:
+    workdir = os.path.join(root, run.name)
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      continue
+    target = os.path.join(archive, run.name)
+    os.makedirs(os.path.join(target, "eval"), exist_ok=True)
+    for name in ("config.json", "metrics.jsonl"):
+      if os.path.exists(os.path.join(workdir, name)):
+        shutil.copy2(os.path.join(workdir, name), os.path.join(target, name))
+    eval_dir = os.path.join(workdir, "eval")
+    for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
+      if name.startswith("metrics_") and name.endswith(".json"):
+        shutil.copy2(os.path.join(eval_dir, name), os.path.join(target, "eval", name))
+    copied.append(run.name)
+  return copied
+
+
 def _interrupt(signum, frame):
   del signum, frame
   raise KeyboardInterrupt
@@ -292,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "still training elsewhere show up with the evaluations they have so far)")
   parser.add_argument("--parallel", type=int, default=1,
                       help="runs at a time; above 1, each is pinned to its own CPU core (CPU machines)")
+  parser.add_argument("--archive", default="",
+                      help="also copy every started run's config.json, metrics.jsonl and eval/metrics_*.json "
+                           "(no checkpoints) to ARCHIVE/<run>, e.g. results/cpu_repro/runs to keep them in git")
   args = parser.parse_args(argv)
   if args.parallel < 1:
     print(f"error: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
@@ -329,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   plot_curves(runs, root, os.path.join(root, "curves.png"))
   print(text)
   print(f"wrote {os.path.join(root, 'summary.md')}, summary.json and curves.png")
+  if args.archive and os.path.abspath(args.archive) != root:
+    copied = archive_runs(runs, root, os.path.abspath(args.archive))
+    print(f"archived {len(copied)} run(s) to {args.archive}: {', '.join(copied)}")
   return 1 if failed else 0
 
 

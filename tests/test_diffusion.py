@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from concept_diffusion.diffusion import (ddim_sample, ddim_timesteps, ddpm_sample, make_beta_schedule, noise_loss,
-                                         q_sample, schedule_from_betas)
+                                         q_sample, sample_timesteps, schedule_from_betas)
 
 
 def test_linear_schedule_is_linear_in_sqrt_beta():
@@ -38,6 +38,22 @@ def test_unknown_schedule_and_loss_raise():
     make_beta_schedule("quadratic", 10)
   with pytest.raises(ValueError, match="diffusion.loss"):
     noise_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), "huber")
+
+
+def test_timestep_sampling_uniform_and_logit_normal():
+  key, n, T = jax.random.PRNGKey(0), 200_000, 1000
+  uniform = np.asarray(sample_timesteps(key, n, T, "uniform"))
+  assert uniform.dtype == np.int32 and uniform.min() == 0 and uniform.max() == T - 1
+  assert np.mean((uniform >= 250) & (uniform < 750)) == pytest.approx(0.5, abs=0.01)
+  mid = np.asarray(sample_timesteps(key, n, T, "logit_normal", 0.0, 1.0))
+  assert mid.dtype == np.int32 and mid.min() >= 0 and mid.max() <= T - 1
+  # t/T = sigmoid(z): 250 <= t < 750 <=> |z| < logit(0.75) = 1.0986, P = 0.7281 for z ~ N(0, 1).
+  assert np.mean((mid >= 250) & (mid < 750)) == pytest.approx(0.7281, abs=0.01)
+  assert np.median(mid) == pytest.approx(500, abs=5)
+  shifted = np.asarray(sample_timesteps(key, n, T, "logit_normal", 1.0, 1.0))  # mean 1: toward noisier t
+  assert np.median(shifted) == pytest.approx(T / (1 + np.exp(-1.0)), abs=5)
+  with pytest.raises(ValueError, match="timestep_sampling"):
+    sample_timesteps(key, 4, T, "beta")
 
 
 def test_noise_loss_l1_and_l2():

@@ -24,6 +24,8 @@ EXPECTED = {
     "ablation_tokens10": ("configs/repro_cpu.py", ["--config.seed=0", "--config.encoder.num_tokens=10"]),
     "ablation_adagn": ("configs/repro_cpu.py", ["--config.seed=0", "--config.unet.conditioning=adagn"]),
     "ablation_no_diffusion": ("configs/repro_cpu.py", ["--config.seed=0", "--config.diffusion.objective=one_shot"]),
+    "ablation_logit_normal_t": ("configs/repro_cpu.py",
+                                ["--config.seed=0", "--config.diffusion.timestep_sampling=logit_normal"]),
 }
 
 
@@ -85,7 +87,8 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
   assert summary["models"]["beta-VAE"]["metrics"]["factor_vae.eval_accuracy"]["mean"] == pytest.approx(0.6)
   assert set(summary["ablations"]) == {"5 tokens, cross-attention", "10 tokens, cross-attention",
                                        "20 tokens, cross-attention", "20 tokens, AdaGN",
-                                       "20 tokens, w/o diffusion (one-shot decoder)"}
+                                       "20 tokens, w/o diffusion (one-shot decoder)",
+                                       "20 tokens, t/T ~ sigmoid(N(0, 1)) (not in the paper)"}
   text = (tmp_path / "summary.md").read_text()
   assert "EncDiff (n=3)" in text and "beta-TCVAE (n=3)" in text and "## EncDiff ablations" in text
   assert Image.open(tmp_path / "curves.png").size[0] > 500
@@ -150,8 +153,12 @@ def test_parallel_runs_are_pinned_to_distinct_cores_single_threaded(tmp_path):
 
 
 def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_path, monkeypatch):
-  def must_not_train(*args, **kwargs):
-    raise AssertionError("--summary_only must not start a run")
+  popen = reproduce.subprocess.Popen
+
+  def must_not_train(command, *args, **kwargs):  # other commands pass (matplotlib's first import runs fc-list)
+    if any("train.py" in str(part) for part in command):
+      raise AssertionError("--summary_only must not start a run")
+    return popen(command, *args, **kwargs)
   monkeypatch.setattr(reproduce.subprocess, "Popen", must_not_train)
   _fake_finished_run(str(tmp_path / "beta_vae_seed0"), "beta_vae", steps=20, value=0.8)
   running = tmp_path / "encdiff_seed0"  # half-way: a training record at step 10, one evaluation at step 8
@@ -171,6 +178,25 @@ def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_p
                                    "mig.discrete_mig": None}
   assert rows["beta_vae_seed0"]["finished"] and "encdiff_seed0" in summary["not_finished"]
   assert "| encdiff_seed0 | 10 / 40 | 320 | 1.5 | 8 | 0.700 |  |  |" in (tmp_path / "summary.md").read_text()
+
+
+def test_archive_keeps_what_rebuilds_the_table_and_no_checkpoints(tmp_path):
+  root, archive = tmp_path / "runs", tmp_path / "kept"
+  _fake_finished_run(str(root / "beta_vae_seed0"), "beta_vae", steps=20, value=0.8)
+  _fake_finished_run(str(root / "encdiff_seed0"), steps=40, value=0.6)
+  (root / "encdiff_seed0" / "diffusion").mkdir()
+  (root / "encdiff_seed0" / "diffusion" / "40.ckpt").write_bytes(b"x" * 1000)
+  (root / "encdiff_seed0" / "eval" / "notes.txt").write_text("not a metrics file")
+  assert reproduce.main([f"--root={root}", "--summary_only", f"--archive={archive}"]) == 0
+  kept = sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
+  assert kept == ["beta_vae_seed0/config.json", "beta_vae_seed0/eval/metrics_20.json", "beta_vae_seed0/metrics.jsonl",
+                  "encdiff_seed0/config.json", "encdiff_seed0/eval/metrics_40.json", "encdiff_seed0/metrics.jsonl"]
+  # The archive alone rebuilds the same summary once the workdirs are gone.
+  original = json.loads((root / "summary.json").read_text().replace(str(root), str(archive)))  # workdir paths
+  for path in sorted(root.rglob("*"), reverse=True):
+    path.unlink() if path.is_file() else path.rmdir()
+  assert reproduce.main([f"--root={archive}", "--summary_only"]) == 0
+  assert json.loads((archive / "summary.json").read_text()) == original
 
 
 _SLEEPER = """

@@ -126,6 +126,16 @@ def test_unknown_config_field_is_named():
     validate_config(config)
 
 
+def test_bad_timestep_sampling_is_named():
+  config = smoke.get_config()
+  config.diffusion.timestep_sampling = "beta"
+  with pytest.raises(ValueError, match="diffusion.timestep_sampling must be one of"):
+    validate_config(config)
+  config.diffusion.timestep_sampling, config.diffusion.timestep_logit_std = "logit_normal", 0.0
+  with pytest.raises(ValueError, match="timestep_logit_std must be > 0"):
+    validate_config(config)
+
+
 def test_unknown_override_on_the_command_line_is_one_clear_line(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config=configs/smoke.py",
                          f"--workdir={tmp_path}", "--config.train.bach_size=3"], cwd=REPO, capture_output=True,

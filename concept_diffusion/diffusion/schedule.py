@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "sqrt_linear", "sqrt", "cosine")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
@@ -76,6 +77,17 @@ def make_schedule(diffusion_config) -> Schedule:
 
 def _bcast(values: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
   return jnp.asarray(values, jnp.float32)[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int, kind: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+  """Training timesteps (batch,) int32 in [0, T): uniform (official) or t/T = sigmoid(N(mean, std))."""
+  if kind == "uniform":
+    return jax.random.randint(key, (batch,), 0, num_timesteps)
+  if kind == "logit_normal":
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+    return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+  raise ValueError(f"Unknown diffusion.timestep_sampling {kind!r}; choose one of {TIMESTEP_SAMPLINGS}.")
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:

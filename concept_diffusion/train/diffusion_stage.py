@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from concept_diffusion import parallel
-from concept_diffusion.diffusion import make_schedule, noise_loss, q_sample
+from concept_diffusion.diffusion import make_schedule, noise_loss, q_sample, sample_timesteps
 from concept_diffusion.models.encoder import ConceptEncoder, build_encoder
 from concept_diffusion.models.unet import UNet, build_unet
 from concept_diffusion.train import first_stage, sharded
@@ -100,7 +100,9 @@ def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: An
   if is_one_shot(config):  # the UNet decodes the tokens at once: its target is the image itself
     t, x_t, noise = jnp.zeros((images.shape[0],), jnp.int32), jnp.zeros_like(latents), latents
   else:
-    t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
+    diff = config.diffusion
+    t = sample_timesteps(t_key, images.shape[0], schedule.num_timesteps, diff.get("timestep_sampling", "uniform"),
+                         diff.get("timestep_logit_mean", 0.0), diff.get("timestep_logit_std", 1.0))
     noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
     x_t = q_sample(schedule, latents, t, noise)
 

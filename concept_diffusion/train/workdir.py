@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 
 from concept_diffusion import defaults
-from concept_diffusion.diffusion import SCHEDULES
+from concept_diffusion.diffusion import SCHEDULES, TIMESTEP_SAMPLINGS
 from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
 
 # Fields a user may change between invocations on one workdir: they extend or observe a run without
@@ -51,6 +51,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
       (config.diffusion.get("objective", "eps") in ("eps", "one_shot"),
        "diffusion.objective must be 'eps' or 'one_shot'"),
+      (config.diffusion.get("timestep_sampling", "uniform") in TIMESTEP_SAMPLINGS,
+       f"diffusion.timestep_sampling must be one of {TIMESTEP_SAMPLINGS}"),
+      (config.diffusion.get("timestep_logit_std", 1.0) > 0, "diffusion.timestep_logit_std must be > 0"),
       (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
       (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
       (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
