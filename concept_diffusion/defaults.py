@@ -159,6 +159,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.train_metrics = ("factor_vae", "mig")  # the fast subset used during training (DCI's trees take minutes)
   ev.batch_size = 256  # images per encoder call when encoding the whole dataset
   ev.seed = 0  # disentanglement_lib's evaluation.random_seed
+  # Diagnostic written with every EncDiff evaluation (not a disentanglement metric): the relative increase of the
+  # noise-prediction loss when each image gets another image's tokens, per band of timesteps
+  # (evaluation/token_reliance.py). The same eval.seed-drawn images every time, so it is a curve over training.
+  ev.token_reliance_images = 256  # 0 = off
+  ev.token_reliance_bands = 5
 
   sample = config.sample = ml_collections.ConfigDict()
   sample.ddim_steps = 200  # log_images / recon_metrics

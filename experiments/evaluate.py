@@ -26,7 +26,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from concept_diffusion.evaluation.evaluate import evaluate_run, format_table  # pylint: disable=g-import-not-at-top
-  from concept_diffusion.train.run import load_dataset, restore_diffusion_state  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.train.run import (  # pylint: disable=g-import-not-at-top
+      load_dataset, restore_diffusion_state, restore_first_stage_params)
   from concept_diffusion.train.workdir import load_config  # pylint: disable=g-import-not-at-top
   config = load_config(_WORKDIR.value)
   if config.baseline.kind:  # a VAE baseline: its code table is the posterior mean
@@ -37,7 +38,7 @@ def main(argv):
   else:
     state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
     scores, _ = evaluate_run(config, state, load_dataset(config), _WORKDIR.value, int(state.step),
-                             metrics=_METRICS.value)
+                             metrics=_METRICS.value, ae_params=restore_first_stage_params(config, _WORKDIR.value))
   print(f"{config.data.name} step {int(state.step)}")
   print(format_table(scores))
 

@@ -68,8 +68,11 @@ def test_training_evaluates_with_the_fast_subset_then_the_full_set(trained):
     during = json.load(f)
   with open(os.path.join(eval_dir, f"metrics_{config.train.num_steps}.json")) as f:
     final = json.load(f)
-  assert {k.split(".")[0] for k in during if "." in k} == set(config.eval.train_metrics)
-  assert {k.split(".")[0] for k in final if "." in k} == set(config.eval.metrics)
+  diagnostic = {"token_reliance"}  # written with every EncDiff evaluation (tests/test_token_reliance.py)
+  assert {k.split(".")[0] for k in during if "." in k} == set(config.eval.train_metrics) | diagnostic
+  assert {k.split(".")[0] for k in final if "." in k} == set(config.eval.metrics) | diagnostic
+  bands = [k for k in final if k.startswith("token_reliance.t")]
+  assert len(bands) == config.eval.token_reliance_bands and np.isfinite(final["token_reliance.mean"])
   assert final["dataset"] == "tiny_blocks" and final["step"] == config.train.num_steps
   assert np.asarray(final["dci.importance_matrix"]).shape == (config.encoder.num_tokens, 3)
   for key in ("factor_vae.eval_accuracy", "dci.disentanglement", "mig.discrete_mig", "beta_vae.eval_accuracy"):

@@ -143,7 +143,7 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
     if step < tc.num_steps:  # the final evaluation uses the full metric set
       # Code tables are kept for the final evaluation only (480,000 x 20 floats = 38 MB each).
       scores, _ = evaluate_run(config, s, dataset, workdir, step, metrics=config.eval.train_metrics, progress=False,
-                               save_codes=False)
+                               save_codes=False, ae_params=host_ae_params)
       writer.scalars(step, {**scores, **writer.progress("diffusion", step)}, "eval")
 
   host_ae_params = parallel.fetch_to_host(ae_params, mesh)
@@ -212,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.Di
   if state is not None and config.eval.final and is_main:
     final_path = os.path.join(workdir, "eval", f"metrics_{int(state.step)}.json")
     if trained or not os.path.exists(final_path):
-      scores, _ = evaluate_run(config, state, dataset, workdir, int(state.step))
+      scores, _ = evaluate_run(config, state, dataset, workdir, int(state.step), ae_params=ae_params)
       writer.scalars(int(state.step), {**scores, **writer.progress("diffusion", int(state.step))}, "eval")
       _say(f"evaluation at step {int(state.step)}:\n{format_table(scores)}")
   figures_exist = os.path.exists(os.path.join(workdir, "figures", "reconstructions.png"))

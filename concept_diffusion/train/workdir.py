@@ -54,6 +54,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.diffusion.get("timestep_sampling", "uniform") in TIMESTEP_SAMPLINGS,
        f"diffusion.timestep_sampling must be one of {TIMESTEP_SAMPLINGS}"),
       (config.diffusion.get("timestep_logit_std", 1.0) > 0, "diffusion.timestep_logit_std must be > 0"),
+      (config.eval.get("token_reliance_images", 0) >= 0 and config.eval.get("token_reliance_bands", 5) >= 1,
+       "eval.token_reliance_images must be >= 0 (0 = off) and eval.token_reliance_bands >= 1"),
       (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
       (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
       (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
