@@ -18,7 +18,8 @@ from absl import flags, logging  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: the config's eval.metrics). Known: beta_vae, "
-                             "dci, mig, factor_vae, sap, modularity.")
+                             "dci, mig, factor_vae, sap, modularity. 'token_reliance' alone: only that diagnostic "
+                             "(EncDiff; no dataset encoding, nothing written), printed.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -35,6 +36,10 @@ def main(argv):
     state = trainer.restore_baseline_state(config, _WORKDIR.value, _STEP.value)
     scores, _ = trainer.evaluate_baseline(config, state, load_dataset(config), _WORKDIR.value, int(state.step),
                                           metrics=_METRICS.value)
+  elif _METRICS.value == ["token_reliance"]:
+    from concept_diffusion.evaluation.evaluate import reliance_scores  # pylint: disable=g-import-not-at-top
+    state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
+    scores = reliance_scores(config, state, load_dataset(config), restore_first_stage_params(config, _WORKDIR.value))
   else:
     state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
     scores, _ = evaluate_run(config, state, load_dataset(config), _WORKDIR.value, int(state.step),

@@ -96,6 +96,26 @@ def test_evaluate_an_earlier_checkpoint(trained):
     run_lib.restore_diffusion_state(config, workdir, step=3)
 
 
+def test_evaluate_cli_can_print_only_the_token_reliance(trained, capsys):
+  # In this process: the test dataset (tiny_blocks) is registered here only.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = trained
+  before = sorted(os.listdir(os.path.join(workdir, "eval")))
+  flags.FLAGS(["evaluate.py", f"--workdir={workdir}", "--metrics=token_reliance", "--step=2"])
+  try:
+    evaluate_cli.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  printed = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
+  assert len(printed) == config.eval.token_reliance_bands + 1 and "token_reliance.mean" in printed
+  (during,) = [r for r in _records(workdir) if r["stage"] == "eval" and r["step"] == 2]
+  # The same images, timesteps and noise as the evaluation during training.
+  assert float(printed["token_reliance.mean"]) == pytest.approx(during["token_reliance.mean"], abs=1e-4)
+  assert sorted(os.listdir(os.path.join(workdir, "eval"))) == before  # nothing written
+
+
 def test_state_holds_scale_factor_ema_and_batch_stats(trained):
   config, _, state = trained
   assert 0.0 < float(state.scale_factor) < 1e3 and float(state.scale_factor) != 1.0

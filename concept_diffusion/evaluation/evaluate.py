@@ -49,7 +49,7 @@ def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step:
                                   metrics=tuple(metrics or config.eval.metrics), seed=config.eval.seed,
                                   metric_kwargs=metric_kwargs, return_extras=True)
   if encode is None:
-    scores.update(_reliance(config, state, dataset, ae_params))
+    scores.update(reliance_scores(config, state, dataset, ae_params))
   record = {"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names), **scores,
             "runtime_s": extras["runtime_s"]}
   if "dci.importance_matrix" in extras:
@@ -61,7 +61,9 @@ def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step:
   return scores, extras
 
 
-def _reliance(config, state, dataset: GroundTruthDataset, ae_params: Any) -> dict[str, float]:
+def reliance_scores(config, state, dataset: GroundTruthDataset, ae_params: Any) -> dict[str, float]:
+  """The token-reliance diagnostic on eval.token_reliance_images images drawn with eval.seed ({} when off, or in a
+  latent space without the first stage's `ae_params`)."""
   num = config.eval.get("token_reliance_images", 0)
   if num < 2 or (config.first_stage.kind != "none" and ae_params is None):
     return {}
