@@ -9,6 +9,7 @@ Runs, each `experiments/train.py` in its own workdir under --root:
   beta_tcvae_seed{0,1,2}   configs/baseline_tcvae.py
   ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion, ablation_logit_normal_t
                            configs/repro_cpu.py with one override, seed 0
+  untrained_encoder        configs/repro_cpu.py evaluated at step 0 (the score of an untrained encoder)
 (20 tokens with cross-attention is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
 so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
 resumes from its last checkpoint (train.py does that), so the command can be re-run after any interruption.
@@ -66,6 +67,11 @@ def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
             Run(f"beta_tcvae_seed{seed}", BETA_TCVAE, "configs/baseline_tcvae.py", seed_flag)]
   first = (f"--config.seed={seeds[0]}",)
   ablations = [
+      # What the metrics give before any training: a random CNN's features already separate the large floor and
+      # wall regions' hues, so this, not 0, is the floor EncDiff's scores should be read against.
+      Run("untrained_encoder", "EncDiff encoder, untrained", "configs/repro_cpu.py",
+          first + ("--config.train.num_steps=0", "--config.sample.final_figures=False"),
+          ablation="reference: the same encoder untrained (0 steps)"),
       Run("ablation_tokens5", "EncDiff, 5 tokens", "configs/repro_cpu.py", first + ("--config.encoder.num_tokens=5",),
           ablation="5 tokens, cross-attention"),
       Run("ablation_tokens10", "EncDiff, 10 tokens", "configs/repro_cpu.py",

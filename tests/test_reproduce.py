@@ -24,6 +24,8 @@ EXPECTED = {
     "ablation_tokens10": ("configs/repro_cpu.py", ["--config.seed=0", "--config.encoder.num_tokens=10"]),
     "ablation_adagn": ("configs/repro_cpu.py", ["--config.seed=0", "--config.unet.conditioning=adagn"]),
     "ablation_no_diffusion": ("configs/repro_cpu.py", ["--config.seed=0", "--config.diffusion.objective=one_shot"]),
+    "untrained_encoder": ("configs/repro_cpu.py", ["--config.seed=0", "--config.train.num_steps=0",
+                                                   "--config.sample.final_figures=False"]),
     "ablation_logit_normal_t": ("configs/repro_cpu.py",
                                 ["--config.seed=0", "--config.diffusion.timestep_sampling=logit_normal"]),
 }
@@ -88,7 +90,8 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
   assert set(summary["ablations"]) == {"5 tokens, cross-attention", "10 tokens, cross-attention",
                                        "20 tokens, cross-attention", "20 tokens, AdaGN",
                                        "20 tokens, w/o diffusion (one-shot decoder)",
-                                       "20 tokens, t/T ~ sigmoid(N(0, 1)) (not in the paper)"}
+                                       "20 tokens, t/T ~ sigmoid(N(0, 1)) (not in the paper)",
+                                       "reference: the same encoder untrained (0 steps)"}
   text = (tmp_path / "summary.md").read_text()
   assert "EncDiff (n=3)" in text and "beta-TCVAE (n=3)" in text and "## EncDiff ablations" in text
   assert Image.open(tmp_path / "curves.png").size[0] > 500

@@ -116,6 +116,21 @@ def test_evaluate_cli_can_print_only_the_token_reliance(trained, capsys):
   assert sorted(os.listdir(os.path.join(workdir, "eval"))) == before  # nothing written
 
 
+def test_zero_steps_evaluates_the_untrained_model(tmp_path):
+  """train.num_steps=0 scores the initialisation: the reference row of experiments/reproduce.py."""
+  config = _config()
+  config.stages, config.first_stage.kind = ("diffusion",), "none"
+  config.train.num_steps, config.sample.final_figures = 0, False
+  config.eval.metrics = ("mig",)
+  state = run_lib.train(config, str(tmp_path))
+  assert int(state.step) == 0
+  with open(tmp_path / "eval" / "metrics_0.json") as f:
+    scores = json.load(f)
+  assert 0.0 <= scores["mig.discrete_mig"] <= 1.0
+  assert all(scores[k] == 0.0 for k in scores if k.startswith("token_reliance."))  # zero-initialised outputs
+  assert [r["stage"] for r in _records(str(tmp_path))] == ["eval"]
+
+
 def test_state_holds_scale_factor_ema_and_batch_stats(trained):
   config, _, state = trained
   assert 0.0 < float(state.scale_factor) < 1e3 and float(state.scale_factor) != 1.0
