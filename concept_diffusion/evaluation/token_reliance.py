@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from concept_diffusion.diffusion import make_schedule, noise_loss, q_sample
+from concept_diffusion.diffusion import make_schedule, noise_loss
 from concept_diffusion.train import diffusion_stage, first_stage
 
 PREFIX = "token_reliance"
@@ -47,12 +47,9 @@ def _band_losses(config, state, ae_params: Any, images: jax.Array, rng: jax.Arra
   def one_band(band):
     index, lo, hi = band
     t_key, noise_key = jax.random.split(jax.random.fold_in(rng, index))
-    if diffusion_stage.is_one_shot(config):
-      t, x_t, target = jnp.zeros((batch,), jnp.int32), jnp.zeros_like(latents), latents
-    else:
-      t = jax.random.randint(t_key, (batch,), lo, hi)
-      target = jax.random.normal(noise_key, latents.shape, latents.dtype)
-      x_t = q_sample(schedule, latents, t, target)
+    t, x_t, target = diffusion_stage.denoiser_inputs(config, schedule, latents,
+                                                     jax.random.randint(t_key, (batch,), lo, hi),
+                                                     jax.random.normal(noise_key, latents.shape, latents.dtype))
     eps = unet.apply({"params": state.params["unet"]}, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), context)
     return jnp.stack([noise_loss(eps[:batch], target, config.diffusion.loss),
                       noise_loss(eps[batch:], target, config.diffusion.loss)])

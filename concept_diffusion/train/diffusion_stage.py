@@ -89,6 +89,16 @@ def ema_decay(train_config, num_updates: jax.Array) -> jax.Array:
   return jnp.minimum(train_config.ema_decay, (1 + n) / (10 + n))
 
 
+def denoiser_inputs(config, schedule, latents: jax.Array, t: jax.Array,
+                    noise: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(t, x_t, target) of the loss for drawn timesteps and noise: x_t = q_sample and the noise as target; in the
+  one-shot ablation the UNet decodes the tokens at once (t = 0, x_t unused: it has its learned input) and its
+  target is the latent itself."""
+  if is_one_shot(config):
+    return jnp.zeros_like(t), jnp.zeros_like(latents), latents
+  return t, q_sample(schedule, latents, t, noise), noise
+
+
 def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: Any, rng: jax.Array, *,
                          config) -> tuple[DiffusionState, dict[str, jax.Array]]:
   """One optimiser step on a batch of images in [-1, 1]; a pure function of its arguments."""
@@ -97,20 +107,17 @@ def diffusion_train_step(state: DiffusionState, images: jax.Array, ae_params: An
   t_key, noise_key, drop_key = jax.random.split(rng, 3)
 
   latents = jax.lax.stop_gradient(first_stage.first_stage_encode(config, ae_params, images)) * state.scale_factor
-  if is_one_shot(config):  # the UNet decodes the tokens at once: its target is the image itself
-    t, x_t, noise = jnp.zeros((images.shape[0],), jnp.int32), jnp.zeros_like(latents), latents
-  else:
-    diff = config.diffusion
-    t = sample_timesteps(t_key, images.shape[0], schedule.num_timesteps, diff.get("timestep_sampling", "uniform"),
-                         diff.get("timestep_logit_mean", 0.0), diff.get("timestep_logit_std", 1.0))
-    noise = jax.random.normal(noise_key, latents.shape, latents.dtype)
-    x_t = q_sample(schedule, latents, t, noise)
+  diff = config.diffusion
+  t = sample_timesteps(t_key, images.shape[0], schedule.num_timesteps, diff.get("timestep_sampling", "uniform"),
+                       diff.get("timestep_logit_mean", 0.0), diff.get("timestep_logit_std", 1.0))
+  t, x_t, target = denoiser_inputs(config, schedule, latents, t,
+                                   jax.random.normal(noise_key, latents.shape, latents.dtype))
 
   def loss_fn(params):
     (_, tokens), updates = encoder.apply({"params": params["encoder"], "batch_stats": state.batch_stats}, images,
                                          train=True, mutable=["batch_stats"])
     eps = unet.apply({"params": params["unet"]}, x_t, t, tokens, train=True, rngs={"dropout": drop_key})
-    return noise_loss(eps, noise, config.diffusion.loss), updates["batch_stats"]
+    return noise_loss(eps, target, config.diffusion.loss), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   tx = make_optimizer(config.train)
