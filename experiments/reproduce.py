@@ -7,10 +7,10 @@ Runs, each `experiments/train.py` in its own workdir under --root:
   encdiff_seed{0,1,2}      configs/repro_cpu.py
   beta_vae_seed{0,1,2}     configs/baseline_vae.py
   beta_tcvae_seed{0,1,2}   configs/baseline_tcvae.py
-  ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion, ablation_logit_normal_t
+  ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion, ablation_uniform_t
                            configs/repro_cpu.py with one override, seed 0
   untrained_encoder        configs/repro_cpu.py evaluated at step 0 (the score of an untrained encoder)
-(20 tokens with cross-attention is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
+(20 tokens with cross-attention and t/T ~ sigmoid(N(0, 1)) is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
 so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
 resumes from its last checkpoint (train.py does that), so the command can be re-run after any interruption.
 Then it writes --root/summary.md (+ .json: mean ± std per model via experiments/aggregate.py, and the
@@ -62,7 +62,7 @@ def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
   def models(seed):
     seed_flag = (f"--config.seed={seed}",)
     return [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_cpu.py", seed_flag,
-                ablation="20 tokens, cross-attention" if seed == seeds[0] else ""),
+                ablation="20 tokens, cross-attention, logit-normal t" if seed == seeds[0] else ""),
             Run(f"beta_vae_seed{seed}", BETA_VAE, "configs/baseline_vae.py", seed_flag),
             Run(f"beta_tcvae_seed{seed}", BETA_TCVAE, "configs/baseline_tcvae.py", seed_flag)]
   first = (f"--config.seed={seeds[0]}",)
@@ -80,10 +80,10 @@ def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
           ablation="20 tokens, AdaGN"),
       Run("ablation_no_diffusion", "EncDiff, w/o diffusion", "configs/repro_cpu.py",
           first + ("--config.diffusion.objective=one_shot",), ablation="20 tokens, w/o diffusion (one-shot decoder)"),
-      # Not in the paper: training timesteps drawn around mid noise, where the tokens matter most (RESULTS.md).
-      Run("ablation_logit_normal_t", "EncDiff, logit-normal t", "configs/repro_cpu.py",
-          first + ("--config.diffusion.timestep_sampling=logit_normal",),
-          ablation="20 tokens, t/T ~ sigmoid(N(0, 1)) (not in the paper)"),
+      # The paper's (official) uniform timesteps; configs/repro_cpu.py draws them around mid noise instead.
+      Run("ablation_uniform_t", "EncDiff, uniform t (paper)", "configs/repro_cpu.py",
+          first + ("--config.diffusion.timestep_sampling=uniform",),
+          ablation="20 tokens, uniform t (the paper's sampling)"),
   ]
   return models(seeds[0]) + ablations + [run for seed in seeds[1:] for run in models(seed)]
 
