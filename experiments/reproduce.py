@@ -117,8 +117,6 @@ def eval_curves(workdir: str, records: Sequence[dict] | None = None) -> list[dic
   """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step."""
   by_step = {}
   for record in _records(workdir) if records is None else records:
-    if record.get("stage") == "eval" and record.get("step") == 0:  # an untrained model: no training clock yet
-      record = {"wall_s": 0.0, "images_seen": 0, **record}
     if record.get("stage") == "eval" and "wall_s" in record:
       by_step[record["step"]] = record  # a re-evaluation of a step replaces the earlier one
   return [by_step[s] for s in sorted(by_step)]

@@ -183,14 +183,6 @@ def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_p
   assert "| encdiff_seed0 | 10 / 40 | 320 | 1.5 | 8 | 0.700 |  |  |" in (tmp_path / "summary.md").read_text()
 
 
-def test_an_untrained_reference_run_is_a_curve_point_at_zero(tmp_path):
-  workdir = tmp_path / "untrained_encoder"
-  workdir.mkdir()
-  (workdir / "metrics.jsonl").write_text(json.dumps({"stage": "eval", "step": 0, "mig.discrete_mig": 0.01}) + "\n")
-  (point,) = reproduce.eval_curves(str(workdir))
-  assert point["wall_s"] == 0.0 and point["images_seen"] == 0 and point["mig.discrete_mig"] == 0.01
-
-
 def test_archive_keeps_what_rebuilds_the_table_and_no_checkpoints(tmp_path):
   root, archive = tmp_path / "runs", tmp_path / "kept"
   _fake_finished_run(str(root / "beta_vae_seed0"), "beta_vae", steps=20, value=0.8)

@@ -35,9 +35,10 @@ class MetricWriter:
     """{"wall_s", "images_seen"} of `stage`'s training record at `step` ({} if there is none).
 
     The loop logs at every checkpoint and hook step, so an evaluation at `step` can carry how long the stage had
-    trained and on how many images; a resumed run continues its clock from here.
+    trained and on how many images; a resumed run continues its clock from here. Step 0 (an untrained model) is
+    zero on both, so its evaluation sits at the origin of the metric-vs-time curves.
     """
-    found = {}
+    found = {"wall_s": 0.0, "images_seen": 0} if step == 0 else {}
     for record in read_metrics(os.path.dirname(self._jsonl)):  # the last record wins: a resume may re-log a step
       if record.get("stage") == stage and record.get("step") == step and "wall_s" in record:
         found = {k: record[k] for k in ("wall_s", "images_seen") if k in record}
