@@ -85,3 +85,47 @@ def test_evaluate_cli_on_a_directory_that_is_not_a_workdir(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def _shapes_workdir(tmp_path, step):
+  """A smoke workdir whose step-`step` evaluation saved a code table with one clean dim per factor but the last."""
+  from concept_diffusion.train.workdir import check_or_write_config
+  from configs import smoke
+  config = smoke.get_config()
+  config.data.name = "procedural_shapes"
+  check_or_write_config(config, str(tmp_path))
+  sizes = ProceduralShapes3D.factor_sizes
+  factors = np.stack(np.unravel_index(np.arange(np.prod(sizes)), sizes), axis=1).astype(np.float32)
+  factors[:, -1] = np.random.RandomState(0).randn(len(factors))  # the last factor is not in the code
+  os.makedirs(tmp_path / "eval")
+  np.save(tmp_path / "eval" / f"codes_{step}.npy", factors)
+  return config
+
+
+def test_rescoring_saved_codes_keeps_the_steps_other_metrics(tmp_path):
+  from concept_diffusion.evaluation.evaluate import evaluate_saved_codes
+  config = _shapes_workdir(tmp_path, 7)
+  dataset = ProceduralShapes3D(image_size=16)
+  earlier = {"step": 7, "factor_vae.eval_accuracy": 0.5, "runtime_s": {"factor_vae": 1.0}}
+  (tmp_path / "eval" / "metrics_7.json").write_text(json.dumps(earlier))
+  step, scores, _ = evaluate_saved_codes(config, dataset, str(tmp_path), metrics=("mig",))
+  record = json.loads((tmp_path / "eval" / "metrics_7.json").read_text())
+  assert step == 7 and record["factor_vae.eval_accuracy"] == 0.5  # not recomputed, not erased
+  assert record["mig.discrete_mig"] == scores["mig.discrete_mig"] and set(record["runtime_s"]) == {"factor_vae", "mig"}
+  per_factor = record["mig.per_factor"]
+  assert list(per_factor) == list(dataset.factor_names)
+  assert per_factor["orientation"] < 0.05 < 0.5 < min(v for k, v in per_factor.items() if k != "orientation")
+  with pytest.raises(FileNotFoundError, match=r"steps with one: \[7\]"):
+    evaluate_saved_codes(config, dataset, str(tmp_path), 8, metrics=("mig",))
+
+
+def test_evaluate_cli_from_saved_codes_prints_per_factor_scores(tmp_path):
+  _shapes_workdir(tmp_path, 3)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}",
+                         "--from_codes", "--metrics=mig"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "step 3 (saved codes)" in proc.stdout
+  rows = {line.split()[0]: float(line.split()[-1]) for line in proc.stdout.splitlines()
+          if line.split() and line.split()[0] in ProceduralShapes3D.factor_names}
+  assert set(rows) == set(ProceduralShapes3D.factor_names) and rows["orientation"] < 0.05 < 0.5 < rows["floor_hue"]
+  assert os.path.exists(tmp_path / "eval" / "metrics_3.json")

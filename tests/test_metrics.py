@@ -353,3 +353,19 @@ def test_aggregate_errors_on_workdir_without_eval(tmp_path, capsys):
   assert "no eval/metrics_<step>.json" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError):
     agg.aggregate([tmp_path / "empty_run"])
+
+
+def test_per_factor_scores_average_to_the_scalars_and_single_out_a_missing_factor():
+  codes = _perfect_code(SIZES, num_noise=1)
+  codes[:, 1] = np.random.RandomState(5).randn(len(codes))  # factor 1 is nowhere in the code
+  scores, extras = M.evaluate_codes(codes, SIZES, metrics=("dci", "mig"), n_jobs=1, return_extras=True,
+                                    metric_kwargs={"dci": SMALL["dci"], "mig": SMALL["mig"]})
+  dci, mig = extras["dci.informativeness_test_per_factor"], extras["mig.per_factor"]
+  assert dci.shape == mig.shape == (len(SIZES),)
+  assert np.mean(dci) == pytest.approx(scores["dci.informativeness_test"], abs=1e-12)
+  assert np.mean(mig) == pytest.approx(scores["mig.discrete_mig"], abs=1e-12)
+  others = [0, 2, 3]
+  assert mig[1] < 0.1 < 0.5 < mig[others].min()
+  # Not chance (0.25) for factor 1: on a 240-row table over half the test rows were also drawn for training, and
+  # the trees memorise their noise values.
+  assert dci[1] < 0.75 and dci[others].min() > 0.9

@@ -50,15 +50,58 @@ def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step:
                                   metric_kwargs=metric_kwargs, return_extras=True)
   if encode is None:
     scores.update(reliance_scores(config, state, dataset, ae_params))
-  record = {"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names), **scores,
-            "runtime_s": extras["runtime_s"]}
+  write_metrics(os.path.join(eval_dir, f"metrics_{step}.json"), step, dataset, scores, extras)
+  return scores, extras
+
+
+def saved_code_steps(workdir: str) -> list[int]:
+  """Steps whose code table an evaluation saved (W/eval/codes_<step>.npy), ascending."""
+  eval_dir = os.path.join(workdir, "eval")
+  names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+  return sorted(int(n[len("codes_"):-len(".npy")]) for n in names
+                if n.startswith("codes_") and n.endswith(".npy") and n[len("codes_"):-len(".npy")].isdigit())
+
+
+def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step: int | None = None, *,
+                         metrics: Sequence[str] | None = None) -> tuple[int, dict[str, float], dict[str, Any]]:
+  """Re-scores the code table an earlier evaluation saved, without a checkpoint or re-encoding the dataset (the
+  480,000-image pass is most of an evaluation on a CPU). Returns (step, scores, extras); merges into the step's
+  metrics file. No token reliance: that needs the model."""
+  steps = saved_code_steps(workdir)
+  if step is None and steps:
+    step = steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(
+        f"no saved code table {os.path.join(workdir, 'eval', f'codes_{step}.npy')}; steps with one: "
+        f"{steps or 'none'} (evaluations save them unless save_codes=False). Evaluate from the checkpoint instead: "
+        "drop --from_codes.")
+  codes = np.load(os.path.join(workdir, "eval", f"codes_{step}.npy"))
+  scores, extras = evaluate_codes(codes, dataset.factor_sizes, metrics=tuple(metrics or config.eval.metrics),
+                                  seed=config.eval.seed, return_extras=True)
+  write_metrics(os.path.join(workdir, "eval", f"metrics_{step}.json"), step, dataset, scores, extras)
+  return step, scores, extras
+
+
+def write_metrics(path: str, step: int, dataset: GroundTruthDataset, scores: dict[str, float],
+                  extras: dict[str, Any]) -> dict[str, Any]:
+  """Writes (atomically) the step's record, keeping what an earlier evaluation of the step computed and this one
+  did not: re-scoring one metric must not erase the others. Per-factor values are keyed by factor name."""
+  record = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  runtime = {**record.get("runtime_s", {}), **extras["runtime_s"]}
+  record.update({"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names), **scores,
+                 "runtime_s": runtime})
   if "dci.importance_matrix" in extras:
     record["dci.importance_matrix"] = np.asarray(extras["dci.importance_matrix"]).tolist()
-  path = os.path.join(eval_dir, f"metrics_{step}.json")
+  for key in ("dci.informativeness_test_per_factor", "mig.per_factor"):
+    if extras.get(key) is not None:
+      record[key] = {name: float(v) for name, v in zip(dataset.factor_names, np.asarray(extras[key]))}
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2)
   os.replace(path + ".tmp", path)
-  return scores, extras
+  return record
 
 
 def reliance_scores(config, state, dataset: GroundTruthDataset, ae_params: Any) -> dict[str, float]:
@@ -75,3 +118,17 @@ def reliance_scores(config, state, dataset: GroundTruthDataset, ae_params: Any) 
 def format_table(scores: dict[str, float]) -> str:
   width = max(len(k) for k in scores)
   return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(scores.items()))
+
+
+def format_per_factor(extras: dict[str, Any], factor_names: Sequence[str]) -> str:
+  """One row per factor: DCI's test accuracy for it and its MIG gap ("" when neither metric ran)."""
+  columns = [(key, np.asarray(extras[key])) for key in ("dci.informativeness_test_per_factor", "mig.per_factor")
+             if extras.get(key) is not None]
+  if not columns:
+    return ""
+  width = max(len(n) for n in factor_names)
+  lines = [f"{'factor':<{width}}  " + "  ".join(f"{key:>{len(key)}}" for key, _ in columns)]
+  for j, name in enumerate(factor_names):
+    lines.append(f"{name:<{width}}  " + "  ".join(f"{values[j]:>{len(key)}.4f}" for key, values in columns))
+  return "\n".join(lines)
+

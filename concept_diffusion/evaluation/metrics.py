@@ -44,9 +44,11 @@ RandomStateLike = int | np.random.RandomState
 
 
 class DCIResult(NamedTuple):
-  """DCI scores plus the (num_codes, num_factors) importance matrix behind them (for figures)."""
+  """DCI scores plus the (num_codes, num_factors) importance matrix behind them (for figures) and each factor's
+  test accuracy (informativeness_test is their mean)."""
   importance_matrix: np.ndarray
   scores: dict[str, float]
+  per_factor_test_accuracy: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,7 +323,8 @@ def _predicted_tree_states(ys_train: np.ndarray, start_state: tuple) -> list[tup
 
 
 def _importance_gbt(mus_train: np.ndarray, ys_train: np.ndarray, mus_test: np.ndarray, ys_test: np.ndarray,
-                    tree_rng: np.random.RandomState, n_jobs: int) -> tuple[np.ndarray, float, float]:
+                    tree_rng: np.random.RandomState, n_jobs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(importance matrix, per-factor train accuracy, per-factor test accuracy)."""
   num_factors = ys_train.shape[0]
   n_jobs = min(joblib.effective_n_jobs(n_jobs), num_factors)
   args = [(mus_train.T, ys_train[j, :], mus_test.T, ys_test[j, :]) for j in range(num_factors)]
@@ -338,7 +341,7 @@ def _importance_gbt(mus_train: np.ndarray, ys_train: np.ndarray, mus_test: np.nd
   if fits is None:
     fits = [_fit_gbt(*args[j], tree_rng) for j in range(num_factors)]
   importance_matrix = np.stack([fit[0] for fit in fits], axis=1).astype(np.float64)
-  return importance_matrix, np.mean([fit[1] for fit in fits]), np.mean([fit[2] for fit in fits])
+  return importance_matrix, np.array([fit[1] for fit in fits]), np.array([fit[2] for fit in fits])
 
 
 def _disentanglement(importance_matrix: np.ndarray) -> float:
@@ -363,10 +366,10 @@ def _dci(table: CodeTable, random_state: np.random.RandomState, *, num_train: in
   mus_test, ys_test = generate_batch_factor_code(table, num_test, random_state, batch_size)
   tree_rng = np.random.mtrand._rand if tree_random_state is None else _as_random_state(tree_random_state)
   importance_matrix, train_acc, test_acc = _importance_gbt(mus_train, ys_train, mus_test, ys_test, tree_rng, n_jobs)
-  scores = {"informativeness_train": train_acc, "informativeness_test": test_acc,
+  scores = {"informativeness_train": np.mean(train_acc), "informativeness_test": np.mean(test_acc),
             "disentanglement": _disentanglement(importance_matrix),
             "completeness": _completeness(importance_matrix)}
-  return DCIResult(importance_matrix, _floats(scores))
+  return DCIResult(importance_matrix, _floats(scores), test_acc)
 
 
 def compute_dci(codes: np.ndarray, factor_sizes: Sequence[int], random_state: RandomStateLike = 0, *,
@@ -401,13 +404,18 @@ def dci_importance_matrix(codes: np.ndarray, factor_sizes: Sequence[int], random
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _mig(table: CodeTable, random_state: np.random.RandomState, *, num_train: int, batch_size: int,
-         num_bins: int) -> dict[str, float]:
+def _mig_gaps(table: CodeTable, random_state: np.random.RandomState, *, num_train: int, batch_size: int,
+              num_bins: int) -> np.ndarray:
+  """Each factor's gap between its two most informative codes, over H(factor); MIG is their mean."""
   mus_train, ys_train = generate_batch_factor_code(table, num_train, random_state, batch_size)
   m = _discrete_mutual_info(_histogram_discretize(mus_train, num_bins), ys_train)
   entropy = _discrete_entropy(ys_train)
   sorted_m = np.sort(m, axis=0)[::-1]
-  return {"discrete_mig": np.mean(np.divide(sorted_m[0, :] - sorted_m[1, :], entropy[:]))}
+  return np.divide(sorted_m[0, :] - sorted_m[1, :], entropy[:])
+
+
+def _mig(table: CodeTable, random_state: np.random.RandomState, **kwargs) -> dict[str, float]:
+  return {"discrete_mig": np.mean(_mig_gaps(table, random_state, **kwargs))}
 
 
 def compute_mig(codes: np.ndarray, factor_sizes: Sequence[int], random_state: RandomStateLike = 0, *,
@@ -565,7 +573,9 @@ def evaluate_codes(codes: np.ndarray, factor_sizes: Sequence[int], *, metrics: S
     pca_tokens: reduce each token to one number with a 1-component PCA first (EncDiff-V).
     n_jobs: joblib processes for DCI's per-factor fits; results do not depend on it.
     metric_kwargs: per-metric overrides of the defaults, e.g. {"dci": {"num_train": 1000}}.
-    return_extras: also return {"dci.importance_matrix": array, "runtime_s": {metric: seconds}}.
+    return_extras: also return {"dci.importance_matrix": array, "runtime_s": {metric: seconds}} and, per factor
+      in canonical order, "dci.informativeness_test_per_factor" and "mig.per_factor" (arrays whose means are the
+      scalar scores: which factors a representation captures, and which it gives one code of its own).
 
   Returns:
     Flat {"<metric>.<disentanglement_lib result key>": float}, e.g. "dci.disentanglement",
@@ -589,7 +599,12 @@ def evaluate_codes(codes: np.ndarray, factor_sizes: Sequence[int], *, metrics: S
     if name == "dci":
       result = _dci(table, random_state, n_jobs=n_jobs, **kwargs)
       extras["dci.importance_matrix"] = result.importance_matrix
+      extras["dci.informativeness_test_per_factor"] = result.per_factor_test_accuracy
       metric_scores = result.scores
+    elif name == "mig":
+      gaps = _mig_gaps(table, random_state, **kwargs)
+      extras["mig.per_factor"] = gaps
+      metric_scores = {"discrete_mig": np.mean(gaps)}
     else:
       metric_scores = _IMPLS[name](table, random_state, **kwargs)
     extras["runtime_s"][name] = time.perf_counter() - start
