@@ -67,6 +67,20 @@ class StageCheckpoints:
       return None
     return dict(self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
 
+  def resume(self, template: Any, pipeline: Any, stage: str) -> Any:
+    """The latest state, with the input pipeline (`get_state`/`set_state`) moved to the batch that comes next."""
+    state = self.restore(template)
+    step = int(jax.device_get(state.step))
+    data_state = self.restore_data_state(self.latest_step())
+    if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
+      data_state = {"next_index": step}
+    if int(data_state.get("next_index", -1)) != step:
+      raise ValueError(f"{stage}: the checkpoint at step {step} in {self.directory} holds an input-pipeline state "
+                       f"{data_state} that does not match its step; the checkpoint is damaged. Delete that step's "
+                       "directory to resume from the one before.")
+    pipeline.set_state(data_state)
+    return state
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

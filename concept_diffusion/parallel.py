@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -108,6 +108,16 @@ def fetch_to_host(tree: Any, mesh: Mesh) -> Any:
   if jax.process_count() > 1:
     tree = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
   return jax.device_get(tree)
+
+
+def on_main_host(fn: Callable[[int, Any], None], mesh: Mesh) -> Callable[[int, Any], None]:
+  """A loop hook that runs fn(step, host_state) on process 0; every process takes part in gathering the state."""
+
+  def hook(step: int, state: Any) -> None:
+    host_state = fetch_to_host(state, mesh)
+    if jax.process_index() == 0:
+      fn(step, host_state)
+  return hook
 
 
 # --- multi-host -------------------------------------------------------------------------------------------------

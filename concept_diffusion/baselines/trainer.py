@@ -31,8 +31,6 @@ from concept_diffusion.train.workdir import check_or_write_config, computation_c
 from concept_diffusion.train.writer import MetricWriter, read_metrics
 
 BASELINE_DIR = STAGE = "baseline"
-# EncDiff's resume (state + input-pipeline position) and main-host hook wrapper, so both trainers behave alike.
-_resume, _on_main_host = run._resume, run._on_main_host  # pylint: disable=protected-access
 
 
 @flax.struct.dataclass
@@ -143,7 +141,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
   # seed + 1: the diffusion stage's data seed, so both models see the same permutation of the dataset.
   pipeline = run.make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size")
   if latest:
-    state = _resume(ckpts, parallel.with_shardings(abstract_state(config), shardings), pipeline, STAGE)
+    state = ckpts.resume(parallel.with_shardings(abstract_state(config), shardings), pipeline, STAGE)
   else:
     state = sharded.create_sharded(functools.partial(create_baseline_state, config), rng, shardings)
   trained = latest < bl.num_steps
@@ -158,7 +156,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
                      batches=pipeline, rng=jax.random.fold_in(rng, 1), ckpts=ckpts, writer=writer,
                      log_every=bl.log_every, checkpoint_every=bl.checkpoint_every, batch_size=bl.batch_size,
                      on_nonfinite=config.train.on_nonfinite,
-                     hooks=[(config.eval.every, _on_main_host(evaluate_during_training, mesh))])
+                     hooks=[(config.eval.every, parallel.on_main_host(evaluate_during_training, mesh))])
   else:
     _say(f"{STAGE}: finished at step {latest}; skipping.")
   ckpts.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -55,21 +55,6 @@ def _restore_ae_params(config, ckpts: StageCheckpoints, mesh: Mesh | None = None
   return ckpts.restore(template).ae_params
 
 
-def _resume(ckpts: StageCheckpoints, template: Any, pipeline: InputPipeline, stage: str) -> Any:
-  """The latest state, with the input pipeline moved to the batch that comes next."""
-  state = ckpts.restore(template)
-  step = int(jax.device_get(state.step))
-  data_state = ckpts.restore_data_state(ckpts.latest_step())
-  if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
-    data_state = {"next_index": step}
-  if int(data_state.get("next_index", -1)) != step:
-    raise ValueError(f"{stage}: the checkpoint at step {step} in {ckpts.directory} holds an input-pipeline state "
-                     f"{data_state} that does not match its step; the checkpoint is damaged. Delete that step's "
-                     "directory to resume from the one before.")
-  pipeline.set_state(data_state)
-  return state
-
-
 def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng: jax.Array,
                         mesh: Mesh | None = None) -> Any:
   """Trains (or resumes, or skips) the first stage; returns its parameters (None in pixel space)."""
@@ -93,7 +78,7 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
   shardings = first_stage.state_shardings(config, mesh)
   pipeline = make_pipeline(config, dataset, fs.batch_size, config.seed, mesh, "first_stage.batch_size")
   if latest:
-    state = _resume(ckpts, parallel.with_shardings(first_stage.abstract_state(config), shardings), pipeline,
+    state = ckpts.resume(parallel.with_shardings(first_stage.abstract_state(config), shardings), pipeline,
                     "first_stage")
   else:
     state = sharded.create_sharded(functools.partial(first_stage.create_first_stage_state, config), rng, shardings)
@@ -104,16 +89,6 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
                    on_nonfinite=config.train.on_nonfinite)
   ckpts.close()
   return state.ae_params
-
-
-def _on_main_host(fn: Callable[..., None], mesh: Mesh) -> Callable[[int, Any], None]:
-  """A hook that runs fn(step, host_state) on process 0; every process takes part in gathering the state."""
-
-  def hook(step: int, state: Any) -> None:
-    host_state = parallel.fetch_to_host(state, mesh)
-    if jax.process_index() == 0:
-      fn(step, host_state)
-  return hook
 
 
 def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: MetricWriter, rng: jax.Array,
@@ -127,7 +102,7 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
   latest = ckpts.latest_step() or 0
   pipeline = make_pipeline(config, dataset, tc.batch_size, config.seed + 1, mesh, "train.batch_size")
   if latest:
-    state = _resume(ckpts, parallel.with_shardings(diffusion_stage.abstract_state(config), shardings), pipeline,
+    state = ckpts.resume(parallel.with_shardings(diffusion_stage.abstract_state(config), shardings), pipeline,
                     "diffusion")
   else:
     state = diffusion_stage.create_sharded_state(config, rng, mesh)
@@ -158,8 +133,8 @@ def _diffusion_stage(config, workdir: str, dataset, ae_params: Any, writer: Metr
                    step_fn=lambda s, images, key: train_step(s, images, ae_params, key), batches=pipeline,
                    rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size, on_nonfinite=tc.on_nonfinite,
-                   hooks=[(config.eval.every, _on_main_host(evaluate_during_training, mesh)),
-                          (tc.figure_every, _on_main_host(figures_during_training, mesh))])
+                   hooks=[(config.eval.every, parallel.on_main_host(evaluate_during_training, mesh)),
+                          (tc.figure_every, parallel.on_main_host(figures_during_training, mesh))])
   ckpts.close()
   return state, True
 
