@@ -115,8 +115,11 @@ def test_rescoring_saved_codes_keeps_the_steps_other_metrics(tmp_path):
   per_factor = record["mig.per_factor"]
   assert list(per_factor) == list(dataset.factor_names)
   assert per_factor["orientation"] < 0.05 < 0.5 < min(v for k, v in per_factor.items() if k != "orientation")
-  with pytest.raises(FileNotFoundError, match=r"steps with one: \[7\]"):
+  with pytest.raises(FileNotFoundError, match=r"codes_8.npy .*steps with one: \[7\]"):
     evaluate_saved_codes(config, dataset, str(tmp_path), 8, metrics=("mig",))
+  os.remove(tmp_path / "eval" / "codes_7.npy")
+  with pytest.raises(FileNotFoundError, match="steps with one: none"):
+    evaluate_saved_codes(config, dataset, str(tmp_path), metrics=("mig",))
 
 
 def test_evaluate_cli_from_saved_codes_prints_per_factor_scores(tmp_path):

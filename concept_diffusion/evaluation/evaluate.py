@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -58,8 +59,7 @@ def saved_code_steps(workdir: str) -> list[int]:
   """Steps whose code table an evaluation saved (W/eval/codes_<step>.npy), ascending."""
   eval_dir = os.path.join(workdir, "eval")
   names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
-  return sorted(int(n[len("codes_"):-len(".npy")]) for n in names
-                if n.startswith("codes_") and n.endswith(".npy") and n[len("codes_"):-len(".npy")].isdigit())
+  return sorted(int(m.group(1)) for m in map(re.compile(r"codes_(\d+)\.npy").fullmatch, names) if m)
 
 
 def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step: int | None = None, *,
@@ -68,13 +68,12 @@ def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step
   480,000-image pass is most of an evaluation on a CPU). Returns (step, scores, extras); merges into the step's
   metrics file. No token reliance: that needs the model."""
   steps = saved_code_steps(workdir)
-  if step is None and steps:
-    step = steps[-1]
-  if step not in steps:
+  if not steps or (step is not None and step not in steps):
+    wanted = f"codes_{step}.npy" if step is not None else "code tables (codes_<step>.npy)"
     raise FileNotFoundError(
-        f"no saved code table {os.path.join(workdir, 'eval', f'codes_{step}.npy')}; steps with one: "
-        f"{steps or 'none'} (evaluations save them unless save_codes=False). Evaluate from the checkpoint instead: "
-        "drop --from_codes.")
+        f"no saved {wanted} in {os.path.join(workdir, 'eval')}; steps with one: {steps or 'none'} (evaluations "
+        "save them unless save_codes=False). Evaluate from the checkpoint instead: drop --from_codes.")
+  step = steps[-1] if step is None else step
   codes = np.load(os.path.join(workdir, "eval", f"codes_{step}.npy"))
   scores, extras = evaluate_codes(codes, dataset.factor_sizes, metrics=tuple(metrics or config.eval.metrics),
                                   seed=config.eval.seed, return_extras=True)
