@@ -136,13 +136,13 @@ def _latest_eval(workdir: str) -> dict | None:
 
 
 def eval_history(workdir: str) -> list[dict]:
-  import glob  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.train.workdir import eval_path, eval_steps  # pylint: disable=g-import-not-at-top
   records = []
-  for path in glob.glob(os.path.join(workdir, "eval", "metrics_*.json")):
-    with open(path, encoding="utf-8") as f:
+  for step in eval_steps(workdir, "metrics"):
+    with open(eval_path(workdir, "metrics", step), encoding="utf-8") as f:
       records.append(json.load(f))
-  return sorted(records, key=lambda r: r["step"])
+  return records
 
 
 def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
@@ -174,7 +174,8 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from concept_diffusion import generate  # pylint: disable=g-import-not-at-top
-  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.train.workdir import (  # pylint: disable=g-import-not-at-top
+      computation_config, eval_path, eval_steps)
   from concept_diffusion.train.writer import read_metrics  # pylint: disable=g-import-not-at-top
   frozen = computation_config(config)
   figures = os.path.join(workdir, "figures")
@@ -231,9 +232,9 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
     samples = generate.sample_from_tokens(frozen, state, ae_params, own_tokens, keys[1], steps=steps, eta=eta)
   save("samples.png", image_grid([to_u8(samples)], ["samples"], upscale=upscale))
 
-  codes_paths = glob_codes(workdir)
-  if codes_paths:
-    codes = np.load(codes_paths[-1], mmap_mode="r")
+  code_steps = eval_steps(workdir, "codes")
+  if code_steps:
+    codes = np.load(eval_path(workdir, "codes", code_steps[-1]), mmap_mode="r")
     codes = np.asarray(codes[np.linspace(0, len(codes) - 1, min(len(codes), 20000)).astype(int)])
   else:
     codes = np.asarray(generate.encode(frozen, state, images)[0])
@@ -253,9 +254,3 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
     written.append(os.path.join(figures, "metrics.png"))
     plot_metric_history(history, written[-1])
   return written
-
-
-def glob_codes(workdir: str) -> list[str]:
-  import glob  # pylint: disable=g-import-not-at-top
-  paths = glob.glob(os.path.join(workdir, "eval", "codes_*.npy"))
-  return sorted(paths, key=lambda p: int(os.path.basename(p)[6:-4]))

@@ -14,29 +14,23 @@ import argparse
 import json
 import math
 import pathlib
-import re
 import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-_METRICS_FILE = re.compile(r"^metrics_(\d+)\.json$")
+from concept_diffusion.train.workdir import eval_path, eval_steps
+
 _NON_METRIC_KEYS = frozenset({"step", "dataset"})
 
 
 def final_metrics_file(workdir: pathlib.Path) -> pathlib.Path:
   """The eval/metrics_<step>.json with the numerically largest step (metrics_1200 beats metrics_300)."""
-  eval_dir = workdir / "eval"
-  steps = {}
-  if eval_dir.is_dir():
-    for path in eval_dir.iterdir():
-      match = _METRICS_FILE.match(path.name)
-      if match:
-        steps[int(match.group(1))] = path
+  steps = eval_steps(str(workdir), "metrics")
   if not steps:
     raise FileNotFoundError(f"{workdir}: no eval/metrics_<step>.json found; has this run been evaluated? "
                             "(evaluation writes them at the end of training or at each eval interval)")
-  return steps[max(steps)]
+  return pathlib.Path(eval_path(str(workdir), "metrics", steps[-1]))
 
 
 def _dataset_name(workdir: pathlib.Path, metrics: dict[str, Any]) -> str:

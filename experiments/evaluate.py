@@ -46,15 +46,15 @@ def main(argv):
     state = trainer.restore_baseline_state(config, _WORKDIR.value, _STEP.value)
     step = int(state.step)
     scores, extras = trainer.evaluate_baseline(config, state, dataset, _WORKDIR.value, step, metrics=_METRICS.value)
-  elif _METRICS.value == ["token_reliance"]:
-    state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
-    step = int(state.step)
-    scores = evaluate.reliance_scores(config, state, dataset, restore_first_stage_params(config, _WORKDIR.value))
   else:
     state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
     step = int(state.step)
-    scores, extras = evaluate.evaluate_run(config, state, dataset, _WORKDIR.value, step, metrics=_METRICS.value,
-                                           ae_params=restore_first_stage_params(config, _WORKDIR.value))
+    ae_params = restore_first_stage_params(config, _WORKDIR.value)
+    if _METRICS.value == ["token_reliance"]:  # the diagnostic alone needs no code table
+      scores = evaluate.reliance_scores(config, state, dataset, ae_params)
+    else:
+      scores, extras = evaluate.evaluate_run(config, state, dataset, _WORKDIR.value, step, metrics=_METRICS.value,
+                                             ae_params=ae_params)
   print(f"{config.data.name} step {step}{source}")
   print(evaluate.format_table(scores))
   per_factor = evaluate.format_per_factor(extras, dataset.factor_names)

@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import aggregate  # noqa: E402  (experiments/aggregate.py)
 
+from concept_diffusion.train.workdir import eval_path, eval_steps  # noqa: E402
+
 SEEDS = (0, 1, 2)
 ENCDIFF, BETA_VAE, BETA_TCVAE = "EncDiff", "beta-VAE", "beta-TCVAE"
 CURVE_METRICS = ("factor_vae.eval_accuracy", "dci.disentanglement", "mig.discrete_mig")
@@ -101,7 +103,7 @@ def final_step(workdir: str) -> int | None:
 
 def is_finished(workdir: str) -> bool:
   step = final_step(workdir)
-  return step is not None and os.path.exists(os.path.join(workdir, "eval", f"metrics_{step}.json"))
+  return step is not None and os.path.exists(eval_path(workdir, "metrics", step))
 
 
 def _records(workdir: str) -> list[dict]:
@@ -301,10 +303,8 @@ def archive_runs(runs: Sequence[Run], root: str, archive: str) -> list[str]:
     for name in ("config.json", "metrics.jsonl"):
       if os.path.exists(os.path.join(workdir, name)):
         shutil.copy2(os.path.join(workdir, name), os.path.join(target, name))
-    eval_dir = os.path.join(workdir, "eval")
-    for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
-      if name.startswith("metrics_") and name.endswith(".json"):
-        shutil.copy2(os.path.join(eval_dir, name), os.path.join(target, "eval", name))
+    for step in eval_steps(workdir, "metrics"):
+      shutil.copy2(eval_path(workdir, "metrics", step), eval_path(target, "metrics", step))
     copied.append(run.name)
   return copied
 

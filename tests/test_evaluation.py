@@ -102,6 +102,18 @@ def _shapes_workdir(tmp_path, step):
   return config
 
 
+def test_eval_files_are_found_by_step_not_by_name_order(tmp_path):
+  from concept_diffusion.train.workdir import eval_path, eval_steps
+  assert eval_steps(str(tmp_path), "metrics") == []  # no eval/ yet
+  os.makedirs(tmp_path / "eval")
+  for name in ("metrics_1200.json", "metrics_300.json", "metrics_300.json.tmp", "codes_300.npy", "metrics_x.json",
+               "codes_1200.npy.tmp"):
+    (tmp_path / "eval" / name).write_text("{}")
+  assert eval_steps(str(tmp_path), "metrics") == [300, 1200]  # an interrupted write's .tmp is not an evaluation
+  assert eval_steps(str(tmp_path), "codes") == [300]
+  assert eval_path(str(tmp_path), "codes", np.int64(300)) == str(tmp_path / "eval" / "codes_300.npy")
+
+
 def test_rescoring_saved_codes_keeps_the_steps_other_metrics(tmp_path):
   from concept_diffusion.evaluation.evaluate import evaluate_saved_codes
   config = _shapes_workdir(tmp_path, 7)

@@ -27,7 +27,7 @@ from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import run, sharded
 from concept_diffusion.train.loop import run_loop
-from concept_diffusion.train.workdir import check_or_write_config, computation_config, validate_config
+from concept_diffusion.train.workdir import check_or_write_config, computation_config, eval_path, validate_config
 from concept_diffusion.train.writer import MetricWriter, read_metrics
 
 BASELINE_DIR = STAGE = "baseline"
@@ -163,8 +163,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
   state = parallel.fetch_to_host(state, mesh)
   step = int(state.step)
   if config.eval.final and is_main:
-    final_path = os.path.join(workdir, "eval", f"metrics_{step}.json")
-    if trained or not os.path.exists(final_path):
+    if trained or not os.path.exists(eval_path(workdir, "metrics", step)):
       scores, _ = evaluate_baseline(config, state, dataset, workdir, step)
       writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
       _say(f"evaluation at step {step}:\n{format_table(scores)}")

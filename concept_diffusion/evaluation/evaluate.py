@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -14,7 +13,7 @@ from concept_diffusion.data.base import GroundTruthDataset
 from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.metrics import evaluate_codes
 from concept_diffusion.evaluation.token_reliance import token_reliance
-from concept_diffusion.train.workdir import computation_config
+from concept_diffusion.train.workdir import computation_config, eval_path, eval_steps
 
 
 def _scalars(frozen_config, state, images):
@@ -42,24 +41,16 @@ def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step:
   An EncDiff run's scores also get the token-reliance diagnostic (eval.token_reliance_images; in a latent space
   only when its first stage's `ae_params` are given).
   """
-  eval_dir = os.path.join(workdir, "eval")
-  os.makedirs(eval_dir, exist_ok=True)
-  codes_path = os.path.join(eval_dir, f"codes_{step}.npy") if save_codes else None
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  codes_path = eval_path(workdir, "codes", step) if save_codes else None
   codes = (encode or encode_run)(config, state, dataset, out_path=codes_path, progress=progress)
   scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes,
                                   metrics=tuple(metrics or config.eval.metrics), seed=config.eval.seed,
                                   metric_kwargs=metric_kwargs, return_extras=True)
   if encode is None:
     scores.update(reliance_scores(config, state, dataset, ae_params))
-  write_metrics(os.path.join(eval_dir, f"metrics_{step}.json"), step, dataset, scores, extras)
+  write_metrics(eval_path(workdir, "metrics", step), step, dataset, scores, extras)
   return scores, extras
-
-
-def saved_code_steps(workdir: str) -> list[int]:
-  """Steps whose code table an evaluation saved (W/eval/codes_<step>.npy), ascending."""
-  eval_dir = os.path.join(workdir, "eval")
-  names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
-  return sorted(int(m.group(1)) for m in map(re.compile(r"codes_(\d+)\.npy").fullmatch, names) if m)
 
 
 def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step: int | None = None, *,
@@ -67,17 +58,17 @@ def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step
   """Re-scores the code table an earlier evaluation saved, without a checkpoint or re-encoding the dataset (the
   480,000-image pass is most of an evaluation on a CPU). Returns (step, scores, extras); merges into the step's
   metrics file. No token reliance: that needs the model."""
-  steps = saved_code_steps(workdir)
+  steps = eval_steps(workdir, "codes")
   if not steps or (step is not None and step not in steps):
     wanted = f"codes_{step}.npy" if step is not None else "code tables (codes_<step>.npy)"
     raise FileNotFoundError(
         f"no saved {wanted} in {os.path.join(workdir, 'eval')}; steps with one: {steps or 'none'} (evaluations "
         "save them unless save_codes=False). Evaluate from the checkpoint instead: drop --from_codes.")
   step = steps[-1] if step is None else step
-  codes = np.load(os.path.join(workdir, "eval", f"codes_{step}.npy"))
+  codes = np.load(eval_path(workdir, "codes", step))
   scores, extras = evaluate_codes(codes, dataset.factor_sizes, metrics=tuple(metrics or config.eval.metrics),
                                   seed=config.eval.seed, return_extras=True)
-  write_metrics(os.path.join(workdir, "eval", f"metrics_{step}.json"), step, dataset, scores, extras)
+  write_metrics(eval_path(workdir, "metrics", step), step, dataset, scores, extras)
   return step, scores, extras
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import joblib
 import numpy as np
@@ -415,7 +415,13 @@ def _mig_gaps(table: CodeTable, random_state: np.random.RandomState, *, num_trai
 
 
 def _mig(table: CodeTable, random_state: np.random.RandomState, **kwargs) -> dict[str, float]:
-  return {"discrete_mig": np.mean(_mig_gaps(table, random_state, **kwargs))}
+  return _mig_with_extras(table, random_state, **kwargs)[0]
+
+
+def _mig_with_extras(table: CodeTable, random_state: np.random.RandomState,
+                     **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
+  gaps = _mig_gaps(table, random_state, **kwargs)
+  return {"discrete_mig": np.mean(gaps)}, {"mig.per_factor": gaps}
 
 
 def compute_mig(codes: np.ndarray, factor_sizes: Sequence[int], random_state: RandomStateLike = 0, *,
@@ -535,8 +541,23 @@ _DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
     "sap": dict(num_train=10000, num_test=5000, batch_size=16, continuous_factors=False),
     "modularity": dict(num_train=10000, num_test=5000, batch_size=16, num_bins=20),
 }
-_IMPLS = {"factor_vae": _factor_vae, "beta_vae": _beta_vae, "mig": _mig, "sap": _sap,
-          "modularity": _modularity_explicitness}
+
+
+def _dci_with_extras(table: CodeTable, random_state: np.random.RandomState,
+                     **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
+  result = _dci(table, random_state, **kwargs)
+  return result.scores, {"dci.importance_matrix": result.importance_matrix,
+                         "dci.informativeness_test_per_factor": result.per_factor_test_accuracy}
+
+
+def _without_extras(impl: Callable[..., dict[str, float]]) -> Callable[..., tuple[dict[str, float], dict[str, Any]]]:
+  return lambda table, random_state, **kwargs: (impl(table, random_state, **kwargs), {})
+
+
+# Each metric: (table, random_state, **kwargs) -> (scores, extras); extras are arrays kept beside the scalars.
+_IMPLS = {"factor_vae": _without_extras(_factor_vae), "beta_vae": _without_extras(_beta_vae),
+          "dci": _dci_with_extras, "mig": _mig_with_extras, "sap": _without_extras(_sap),
+          "modularity": _without_extras(_modularity_explicitness)}
 
 
 def _floats(scores: Mapping[str, Any]) -> dict[str, float]:
@@ -592,21 +613,13 @@ def evaluate_codes(codes: np.ndarray, factor_sizes: Sequence[int], *, metrics: S
     _check_metric_needs(name, table.factor_sizes, table.num_codes)
   scores: dict[str, float] = {}
   extras: dict[str, Any] = {"runtime_s": {}}
+  parallelism = {"dci": {"n_jobs": n_jobs}}  # not a metric option: results do not depend on it
   for name in metrics:
-    kwargs = {**_DEFAULT_KWARGS[name], **metric_kwargs.get(name, {})}
+    kwargs = {**_DEFAULT_KWARGS[name], **metric_kwargs.get(name, {}), **parallelism.get(name, {})}
     random_state = np.random.RandomState(seed)
     start = time.perf_counter()
-    if name == "dci":
-      result = _dci(table, random_state, n_jobs=n_jobs, **kwargs)
-      extras["dci.importance_matrix"] = result.importance_matrix
-      extras["dci.informativeness_test_per_factor"] = result.per_factor_test_accuracy
-      metric_scores = result.scores
-    elif name == "mig":
-      gaps = _mig_gaps(table, random_state, **kwargs)
-      extras["mig.per_factor"] = gaps
-      metric_scores = {"discrete_mig": np.mean(gaps)}
-    else:
-      metric_scores = _IMPLS[name](table, random_state, **kwargs)
+    metric_scores, metric_extras = _IMPLS[name](table, random_state, **kwargs)
+    extras.update(metric_extras)
     extras["runtime_s"][name] = time.perf_counter() - start
     scores.update({f"{name}.{key}": float(value) for key, value in metric_scores.items()})
   return (scores, extras) if return_extras else scores

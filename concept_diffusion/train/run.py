@@ -17,7 +17,7 @@ from concept_diffusion.data.pipeline import InputPipeline
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import diffusion_stage, first_stage, sharded
 from concept_diffusion.train.loop import run_loop
-from concept_diffusion.train.workdir import check_or_write_config, computation_config, validate_config
+from concept_diffusion.train.workdir import check_or_write_config, computation_config, eval_path, validate_config
 from concept_diffusion.train.writer import MetricWriter, read_metrics
 
 AE_DIR, DIFFUSION_DIR = "autoencoder", "diffusion"
@@ -185,8 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> diffusion_stage.Di
   # Evaluation and figures run on process 0 from host copies (gathering is collective: every process joins).
   state, ae_params = parallel.fetch_to_host((state, ae_params), mesh)
   if state is not None and config.eval.final and is_main:
-    final_path = os.path.join(workdir, "eval", f"metrics_{int(state.step)}.json")
-    if trained or not os.path.exists(final_path):
+    if trained or not os.path.exists(eval_path(workdir, "metrics", state.step)):
       scores, _ = evaluate_run(config, state, dataset, workdir, int(state.step), ae_params=ae_params)
       writer.scalars(int(state.step), {**scores, **writer.progress("diffusion", int(state.step))}, "eval")
       _say(f"evaluation at step {int(state.step)}:\n{format_table(scores)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -22,6 +23,24 @@ RESUMABLE_FIELDS = (
     "data.source",
     "baseline.num_steps", "baseline.log_every", "baseline.checkpoint_every",
 )
+
+
+# An evaluation at step S writes W/eval/metrics_S.json (its scores) and W/eval/codes_S.npy (the code table they
+# were computed from); every reader and writer of those names goes through these two functions.
+EVAL_FILE_SUFFIXES = {"metrics": ".json", "codes": ".npy"}
+
+
+def eval_path(workdir: str, kind: str, step: int) -> str:
+  """W/eval/metrics_<step>.json (kind "metrics") or W/eval/codes_<step>.npy (kind "codes")."""
+  return os.path.join(workdir, "eval", f"{kind}_{int(step)}{EVAL_FILE_SUFFIXES[kind]}")
+
+
+def eval_steps(workdir: str, kind: str) -> list[int]:
+  """Steps with an evaluation file of this kind in W/eval, ascending."""
+  eval_dir = os.path.join(workdir, "eval")
+  names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+  pattern = re.compile(rf"{kind}_(\d+){re.escape(EVAL_FILE_SUFFIXES[kind])}")
+  return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
