@@ -80,8 +80,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str 
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
   # Scale the (small) queries, not the logits; normalise the (small) output, not the probabilities. The max is a
   # constant shift: softmax does not depend on it, so no gradient flows through it (as in jax.nn.softmax).
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+  # Heads go before positions first: the batched matmuls then read contiguous (T, dim) panels, which XLA:CPU
+  # runs 1.2-1.7x faster at 256 queries (forward + backward) than with the heads interleaved.
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * jnp.asarray(scale, q.dtype), k, v))  # (B, heads, T, dim)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  norm = jnp.swapaxes(weights.sum(axis=-1), 1, 2)[..., None]  # (B, T, heads, 1)
-  return (out / norm).astype(v.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out / weights.sum(axis=-1, keepdims=True), 1, 2).astype(v.dtype)
