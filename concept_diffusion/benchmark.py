@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from concept_diffusion import generate, parallel, perf
+from concept_diffusion import generate, parallel, perf, profiling
 from concept_diffusion.evaluation.encode import make_encode_step
 from concept_diffusion.models import autoencoder
 from concept_diffusion.train import diffusion_stage, first_stage, run
@@ -118,7 +118,7 @@ def _pipeline_throughput(config, dataset, batch_size: int, mesh, num_batches: in
 
 def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmup: int, sample_steps: int,
                     encode_batches: int, pipeline_batches: int, with_first_stage: bool,
-                    probe: _CacheProbe) -> dict[str, Any]:
+                    probe: _CacheProbe, profile_steps: int = 0, profile_dir: str | None = None) -> dict[str, Any]:
   """Every measurement at one global batch size (MFU is filled in by `run_benchmark`, which knows the peak)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.batch_size = config.first_stage.batch_size = config.eval.batch_size = batch_size
@@ -158,6 +158,18 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
       loss=float(metrics["loss"]),
       memory_bytes=None if memory is None else memory["total_bytes"], memory=memory,
       peak_device_memory_bytes=perf.peak_device_memory(mesh.devices.flat))
+  if profile_steps > 0:
+    holder = [state]
+
+    def profiled_step():
+      holder[0], step_metrics = compiled(holder[0], images, ae_params, key)
+      return step_metrics
+
+    result["profile"] = profiling.profile_compiled(
+        compiled, profiled_step, steps=profile_steps,
+        trace_dir=os.path.join(profile_dir or "/tmp/concept_diffusion_profile", f"batch_{batch_size}"))
+    result["profile"]["xla_gflop_per_step"] = None if per_device is None else per_device / 1e9
+    state = holder[0]
   result.update(_sampling(config, frozen, state, ae_params, images, key, sample_steps, probe))
   result["encode_images_per_s"] = _encoder_throughput(frozen, state, dataset, batch_size, encode_batches)
   result["pipeline_images_per_s"] = _pipeline_throughput(config, dataset, batch_size, mesh, pipeline_batches)
@@ -166,7 +178,8 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
 
 def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: int = 20, warmup: int = 2,
                   sample_steps: int | None = None, encode_batches: int = 5, pipeline_batches: int = 30,
-                  with_first_stage: bool = True) -> dict[str, Any]:
+                  with_first_stage: bool = True, profile_steps: int = 0,
+                  profile_dir: str | None = None) -> dict[str, Any]:
   """The report: devices, peak FLOP/s and one result per batch size (see the module docstring)."""
   validate_config(config)
   batch_sizes = list(batch_sizes or [config.train.batch_size])
@@ -192,7 +205,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
         config, batch_size, mesh=mesh, dataset=dataset, steps=steps, warmup=warmup,
         sample_steps=config.sample.ddim_steps if sample_steps is None else sample_steps,
         encode_batches=encode_batches, pipeline_batches=pipeline_batches, with_first_stage=with_first_stage,
-        probe=probe))
+        probe=probe, profile_steps=profile_steps, profile_dir=profile_dir))
     if devices[0].platform == "cpu":  # a measured peak: the machine's other users lower it while they run
       peaks.append(perf.device_peak_flops(devices[0], dtype)[0])
   # The best peak seen over the run: other processes only ever slow the matmul down, and an MFU against a
@@ -240,6 +253,9 @@ def format_report(report: dict[str, Any]) -> str:
       lines.append(f"batch {r['batch_size']}: first-stage step compiles in {r['first_stage_compile_s']:.1f} s, "
                    f"{_fmt(r['first_stage_flops_per_step'], 1e9)} GFLOP/step; DDIM {r['sample_steps']} steps "
                    f"(compile {_fmt(r['sample_compile_s'])} s)")
+  for r in report["results"]:
+    if r.get("profile"):
+      lines.append(f"batch {r['batch_size']}: " + profiling.format_profile(r["profile"]))
   if peak is None:
     lines.append(f"MFU not reported: {report['peak_source']}")
   return "\n".join(lines)

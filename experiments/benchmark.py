@@ -1,12 +1,13 @@
 r"""Measures training and inference speed on whatever devices JAX sees; prints a table, optionally writes JSON.
 
   python experiments/benchmark.py --config=configs/procedural_shapes.py [--batch_sizes=8,32,128] [--steps=20] \
-      [--json=out.json] [--sample_steps=10]
+      [--json=out.json] [--sample_steps=10] [--profile_steps=3 --profile_dir=/tmp/prof]
 
 Per batch size: compile time and FLOPs of the first-stage and diffusion train steps, the diffusion step's
 median/p90 time, images/s, achieved FLOP/s and MFU (XLA's FLOP count of the compiled step over the device's
 peak: published for TPUs/GPUs, measured by a large matmul on CPUs), XLA's memory plan and peak device memory,
-DDIM time per image, encoder and input-pipeline images/s. README "Performance" explains the numbers.
+DDIM time per image, encoder and input-pipeline images/s; with --profile_steps, where the step's time goes
+(concept_diffusion/profiling.py). README "Performance" explains the numbers.
 """
 import json
 import os
@@ -31,6 +32,12 @@ _ENCODE_BATCHES = flags.DEFINE_integer("encode_batches", 5, "Batches of whole-da
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 30, "Input-pipeline batches to time (0: skip); more "
                                          "than data.prefetch_batches, so the read-ahead buffer does not flatter it.")
 _FIRST_STAGE = flags.DEFINE_bool("first_stage", True, "Also compile the first-stage (autoencoder) step.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "Also trace this many train steps with jax.profiler and print where the time goes: by op "
+    "kind (convolution, dot, fused elementwise; forward/backward) with GFLOP per busy second, by JAX primitive and "
+    "by model module (0: no profile).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Where the traces go (default /tmp/concept_diffusion_profile); "
+                                   "open them in TensorBoard's profile plugin or Perfetto.")
 _JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
 flags.mark_flags_as_required(["config"])
 
@@ -49,7 +56,8 @@ def main(argv):
     raise ValueError(f"--batch_sizes must be integers separated by commas, got {_BATCH_SIZES.value}.") from e
   report = run_benchmark(config, batch_sizes, steps=_STEPS.value, warmup=_WARMUP.value,
                          sample_steps=_SAMPLE_STEPS.value, encode_batches=_ENCODE_BATCHES.value,
-                         pipeline_batches=_PIPELINE_BATCHES.value, with_first_stage=_FIRST_STAGE.value)
+                         pipeline_batches=_PIPELINE_BATCHES.value, with_first_stage=_FIRST_STAGE.value,
+                         profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value)
   print(format_report(report))
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)

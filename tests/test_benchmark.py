@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from concept_diffusion import generate, parallel, perf
+from concept_diffusion import generate, parallel, perf, profiling
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.train import diffusion_stage
 from concept_diffusion.train.workdir import computation_config
@@ -44,6 +44,36 @@ def test_flops_and_memory_of_a_known_matmul():
   memory = perf.compiled_memory(compiled)
   assert memory["argument_bytes"] == 4 * (m * k + k * n) and memory["output_bytes"] == 4 * m * n
   assert memory["total_bytes"] >= memory["argument_bytes"] + memory["output_bytes"]
+
+
+def test_conv_and_dot_flops_are_read_from_the_compiled_hlo():
+  """Forward and gradient of a 3x3 SAME convolution feeding a dot: every conv/dot of the compiled module, the
+  weight-gradient convolution (kernel and output roles swapped) included, adds up to the FLOPs by hand."""
+  def loss(x, w, m):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.tanh(y.reshape(-1, 16) @ m))
+
+  x, w, m = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 16)), jnp.ones((16, 5))
+  conv = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 3)  # padded taps included: the hardware multiplies them
+  dot = 2 * (4 * 8 * 8) * 16 * 5
+  for fn, expected in ((loss, conv + dot), (jax.grad(loss, argnums=(0, 1, 2)), 3 * conv + 3 * dot)):
+    compiled = jax.jit(fn).lower(x, w, m).compile()
+    instructions = profiling.parse_hlo(compiled.as_text())
+    costs = profiling.instruction_costs(instructions)
+    assert sum(profiling.conv_dot_flops(i, instructions) for i in instructions.values()) == expected
+    kinds = {kind for _, kind in costs.values()}
+    assert {"convolution", "dot"} <= kinds
+    # XLA's own count skips the padded taps, so it is lower (and includes the tanh).
+    assert perf.compiled_flops(compiled) < expected
+
+
+def test_op_names_map_to_modules_and_primitives():
+  op_name = "jit(guarded)/transpose(jvp(UNet))/output_blocks_4_0/in_layers_2/conv_general_dilated"
+  assert profiling.module_path(op_name, 2) == "output_blocks_4_0/in_layers_2"
+  assert profiling.module_path(op_name, 1) == "output_blocks_4_0"
+  assert profiling.primitive(op_name) == "conv_general_dilated (bwd)"
+  assert profiling.primitive("jit(step)/jvp(UNet)/input_blocks_1_1/attn1/dot_general") == "dot_general"
+  assert profiling.module_path("jit(step)/add", 3) == "(top level)"
 
 
 def test_cpu_peak_is_measured_and_plausible():
@@ -176,9 +206,10 @@ def test_benchmark_cli_writes_the_report(tmp_path):
   out = tmp_path / "bench.json"
   proc = _run_cli("--config=configs/smoke.py", "--config.unet.channel_mult=(1,)",
                   "--config.unet.attention_resolutions=(1,)", "--batch_sizes=4", "--steps=2", "--warmup=1",
-                  "--sample_steps=2", "--encode_batches=1", "--pipeline_batches=2", f"--json={out}")
+                  "--sample_steps=2", "--encode_batches=1", "--pipeline_batches=2", f"--json={out}",
+                  "--profile_steps=2", f"--profile_dir={tmp_path / 'prof'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "MFU" in proc.stdout and "img/s" in proc.stdout
+  assert "MFU" in proc.stdout and "img/s" in proc.stdout and "by kind:" in proc.stdout
   report = json.loads(out.read_text())
   assert report["num_devices"] == 1 and report["device_kind"] and report["peak_flops"] > 0
   (result,) = report["results"]
@@ -191,6 +222,22 @@ def test_benchmark_cli_writes_the_report(tmp_path):
   assert 0 < result["mfu"] < 1.5  # a measured CPU peak can be beaten a little by a busy neighbour leaving
   assert result["first_stage_compile_s"] > 0 and result["encode_images_per_s"] > 0
   assert result["pipeline_images_per_s"] > 0 and np.isfinite(result["loss"])
+
+  profile = result["profile"]
+  assert profile["steps"] == 2 and list((tmp_path / "prof").rglob("*.xplane.pb"))
+  assert profile["busy_ms_per_step"] > 0 and profile["attributed_fraction"] > 0.5
+  kinds = {row["name"]: row for row in profile["by_kind"]}
+  # Forward and gradient convolutions both ran and carry their FLOPs; elementwise fusions carry none.
+  assert kinds["convolution"]["gflop_per_step"] > 0 and kinds["convolution (bwd)"]["gflop_per_step"] > 0
+  assert kinds["fusion"]["gflop_per_step"] is None
+  for table in ("by_kind", "by_primitive", "by_module"):
+    assert sum(row["share"] for row in profile[table]) == pytest.approx(1.0)
+    assert profile[table] == sorted(profile[table], key=lambda row: -row["ms_per_step"])
+  # Convolution + dot FLOPs from the HLO shapes: the bulk of XLA's count, above it by the padded taps only.
+  assert 0.8 * profile["xla_gflop_per_step"] < profile["conv_dot_gflop_per_step"] < 1.5 * profile["xla_gflop_per_step"]
+  modules = [row["name"] for row in profile["by_module"]]
+  assert any(name.startswith("input_blocks_") for name in modules), modules
+  assert any("transformer_blocks_0/attn2" in name for name in modules), modules  # the concept cross-attention
 
 
 def test_benchmark_cli_rejects_a_batch_that_does_not_divide_over_the_devices():

@@ -60,7 +60,7 @@ def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step
   metrics file. No token reliance: that needs the model."""
   steps = eval_steps(workdir, "codes")
   if not steps or (step is not None and step not in steps):
-    wanted = f"codes_{step}.npy" if step is not None else "code tables (codes_<step>.npy)"
+    wanted = os.path.basename(eval_path(workdir, "codes", step)) if step is not None else "code tables"
     raise FileNotFoundError(
         f"no saved {wanted} in {os.path.join(workdir, 'eval')}; steps with one: {steps or 'none'} (evaluations "
         "save them unless save_codes=False). Evaluate from the checkpoint instead: drop --from_codes.")

@@ -414,10 +414,6 @@ def _mig_gaps(table: CodeTable, random_state: np.random.RandomState, *, num_trai
   return np.divide(sorted_m[0, :] - sorted_m[1, :], entropy[:])
 
 
-def _mig(table: CodeTable, random_state: np.random.RandomState, **kwargs) -> dict[str, float]:
-  return _mig_with_extras(table, random_state, **kwargs)[0]
-
-
 def _mig_with_extras(table: CodeTable, random_state: np.random.RandomState,
                      **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
   gaps = _mig_gaps(table, random_state, **kwargs)
@@ -429,8 +425,9 @@ def compute_mig(codes: np.ndarray, factor_sizes: Sequence[int], random_state: Ra
   """Mutual Information Gap (Chen et al. 2018), 20-bin histogram discretiser, normalised by H(factor) in nats."""
   table = CodeTable(codes, factor_sizes)
   _check_metric_needs("mig", table.factor_sizes, table.num_codes)
-  return _floats(_mig(table, _as_random_state(random_state), num_train=num_train, batch_size=batch_size,
-                      num_bins=num_bins))
+  scores, _ = _mig_with_extras(table, _as_random_state(random_state), num_train=num_train, batch_size=batch_size,
+                               num_bins=num_bins)
+  return _floats(scores)
 
 
 # ----------------------------------------------------------------------------------------------------------------
