@@ -37,9 +37,10 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape
                           r"(?P<operands>[^)]*)\)(?P<attrs>.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")  # headers start in column 0
 _DIMS = re.compile(r"\[([\d,]*)\]")
-# JAX transformations wrap the primitive's path in the op_name; they are not module names.
-_TRANSFORMS = ("jit(", "pjit(", "jvp(", "transpose(", "vmap(", "checkpoint", "remat", "while", "cond", "body",
-               "scan", "shard_map", "custom_jvp", "custom_vjp")
+# JAX transformations and control flow wrap the primitive's path in the op_name; they are not module names.
+_TRANSFORM_PREFIXES = ("jit(", "pjit(", "jvp(", "transpose(", "vmap(", "checkpoint(", "remat(", "shard_map(",
+                       "custom_jvp", "custom_vjp", "branch_")
+_CONTROL_FLOW = frozenset({"while", "body", "cond", "checkpoint", "remat", "scan"})
 
 
 @dataclasses.dataclass
@@ -134,7 +135,8 @@ def instruction_costs(instructions: dict[str, Instruction]) -> dict[str, tuple[f
 
 def module_path(op_name: str, depth: int) -> str:
   """`jit(step)/transpose(jvp(EncDiff))/UNet_0/down_1/conv/conv_general_dilated` -> `UNet_0/down_1` (depth 2)."""
-  parts = [p for p in op_name.split("/")[:-1] if p and not p.startswith(_TRANSFORMS)]
+  parts = [p for p in op_name.split("/")[:-1]
+           if p and p not in _CONTROL_FLOW and not p.startswith(_TRANSFORM_PREFIXES)]
   return "/".join(parts[:depth]) or "(top level)"
 
 
@@ -170,10 +172,11 @@ def profile_compiled(compiled: Any, call: Callable[[], Any], *, steps: int, trac
                      module_depth: int = 3) -> dict[str, Any]:
   """Traces `steps` calls of `call` (which runs `compiled`) and attributes the time; see the module docstring.
 
-  Returns {"steps", "trace_dir", "busy_ms_per_step", "conv_dot_gflop_per_step" (the convolutions' and dots' FLOPs
-  from their shapes, of instructions that ran once per call), "attributed_fraction" (of busy time with metadata), "by_module": [...],
-  "by_kind": [...], "by_primitive": [...]}, rows sorted by time, each {"name", "ms_per_step", "share", "gflop_per_step",
-  "gflop_per_busy_s"} (the last two only where the rows contain convolutions or dots).
+  Returns {"steps", "trace_dir", "wall_ms_per_step" (of the traced steps), "busy_ms_per_step" (in op events,
+  summed over threads), "conv_dot_gflop_per_step" (the convolutions' and dots' FLOPs from their shapes),
+  "attributed_fraction" (of the busy time, to instructions with metadata), "note" (a caveat or None),
+  "by_kind", "by_primitive", "by_module"}; each table's rows are sorted by time, each {"name", "ms_per_step",
+  "share", "gflop_per_step", "gflop_per_busy_s"} (the last two None for rows without convolutions or dots).
   """
   if steps < 1:
     raise ValueError(f"profile steps must be >= 1, got {steps}.")
