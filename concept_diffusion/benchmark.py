@@ -162,7 +162,7 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
     holder = [state]
 
     def profiled_step():
-      holder[0], step_metrics = compiled(holder[0], images, ae_params, key)
+      holder[0], step_metrics = call(holder[0])
       return step_metrics
 
     result["profile"] = profiling.profile_compiled(

@@ -111,17 +111,16 @@ def instruction_costs(instructions: dict[str, Instruction]) -> dict[str, tuple[f
     by_computation[inst.computation].append(inst)
   memo: dict[str, tuple[float, set[str]]] = {}
 
-  def computation_cost(name: str, depth: int) -> tuple[float, set[str]]:
-    if name not in memo:
-      memo[name] = (0.0, set())  # guards recursion; HLO call graphs are acyclic
-      parts = [cost(i, depth + 1) for i in by_computation.get(name, ())] if depth < 32 else []
+  def computation_cost(name: str) -> tuple[float, set[str]]:
+    if name not in memo:  # HLO call graphs are acyclic, so each computation is summed once
+      parts = [cost(i) for i in by_computation.get(name, ())]
       memo[name] = (sum(f for f, _ in parts), set().union(*(o for _, o in parts)) if parts else set())
     return memo[name]
 
-  def cost(inst: Instruction, depth: int = 0) -> tuple[float, set[str]]:
+  def cost(inst: Instruction) -> tuple[float, set[str]]:
     flops, opcodes = conv_dot_flops(inst, instructions), {inst.opcode}
     for called in inst.calls:
-      f, o = computation_cost(called, depth)
+      f, o = computation_cost(called)
       flops, opcodes = flops + f, opcodes | o
     return flops, opcodes
 
@@ -226,9 +225,8 @@ def profile_compiled(compiled: Any, call: Callable[[], Any], *, steps: int, trac
                   "gflop_per_busy_s": flop / ns if flop and ns else None})
     return out
 
-  return {"steps": steps, "trace_dir": trace_dir, "busy_ms_per_step": busy_ns / 1e6, "wall_ms_per_step": wall_s * 1e3,
-          "note": _cpu_note(),
-          "conv_dot_gflop_per_step": counted_flops / 1e9,
+  return {"steps": steps, "trace_dir": trace_dir, "busy_ms_per_step": busy_ns / 1e6,
+          "wall_ms_per_step": wall_s * 1e3, "note": _cpu_note(), "conv_dot_gflop_per_step": counted_flops / 1e9,
           "attributed_fraction": 1.0 - without_metadata / steps / busy_ns if busy_ns else None,
           "by_kind": rows(by_kind), "by_primitive": rows(by_primitive), "by_module": rows(by_module)}
 
