@@ -139,10 +139,14 @@ def module_path(op_name: str, depth: int) -> str:
   return "/".join(parts[:depth]) or "(top level)"
 
 
+def with_pass(name: str, op_name: str) -> str:
+  """`name`, marked `(bwd)` when `op_name` belongs to the gradient pass (JAX's `transpose(...)` transform)."""
+  return f"{name} (bwd)" if "transpose(" in op_name else name
+
+
 def primitive(op_name: str) -> str:
   """The JAX primitive, with `(bwd)` for ops of the gradient pass."""
-  name = op_name.split("/")[-1]
-  return f"{name} (bwd)" if "transpose(" in op_name else name
+  return with_pass(op_name.split("/")[-1], op_name)
 
 
 def _op_events(trace_dir: str, names: set[str]) -> list[tuple[str, int]]:
@@ -210,7 +214,7 @@ def profile_compiled(compiled: Any, call: Callable[[], Any], *, steps: int, trac
       key_kind = f"{kind} (bwd)" if kind == "convolution" else kind
     else:
       key_module, key_primitive = module_path(op_name, module_depth), primitive(op_name)
-      key_kind = f"{kind} (bwd)" if "transpose(" in op_name else kind
+      key_kind = with_pass(kind, op_name)
     for table, key in ((by_module, key_module), (by_primitive, key_primitive), (by_kind, key_kind)):
       table[key][0] += ns / steps
       table[key][1] += flops  # per call: an op split over threads still counts its FLOPs once
