@@ -31,6 +31,9 @@ setup(
         # only for Python < 3.9.
         "importlib_resources>=5.10,<8",
         "h5py>=3.10,<4",  # Shapes3D's official 3dshapes.h5
+        # JAX needs it for jax_compilation_cache_max_size, which cli.enable_compilation_cache sets; without it every
+        # read and write of the persistent cache fails (with a warning) and each process compiles the step again.
+        "filelock>=3.12,<5",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

@@ -1,6 +1,8 @@
 """perf.py arithmetic, the benchmark CLI, and the compile-once properties the benchmark relies on."""
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -176,6 +178,13 @@ def test_a_restarted_process_loads_the_train_step_from_the_persistent_cache(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes.append(proc.stdout.strip().splitlines()[-1])
   assert outcomes == ["cache: miss", "cache: hit"]
+
+
+def test_the_persistent_cache_has_its_dependency_declared():
+  # A plain `pip install -e .` lacked filelock (torch, which CI installs, brought it), so the size bound that
+  # enable_compilation_cache sets made JAX skip every cache read and write: the test above passed only in CI.
+  requirements = importlib.metadata.requires("concept-diffusion") or []
+  assert any(re.match(r"filelock\b", requirement) for requirement in requirements), requirements
 
 
 def test_bfloat16_step_runs_and_its_loss_is_close_to_float32():
