@@ -181,8 +181,8 @@ def test_a_restarted_process_loads_the_train_step_from_the_persistent_cache(tmp_
 
 
 def test_the_persistent_cache_has_its_dependency_declared():
-  # A plain `pip install -e .` lacked filelock (torch, which CI installs, brought it), so the size bound that
-  # enable_compilation_cache sets made JAX skip every cache read and write: the test above passed only in CI.
+  # A plain `pip install -e .` lacked filelock, so the size bound that enable_compilation_cache sets made JAX
+  # skip every cache read and write; the test above passed only where the [torch] extra had brought filelock in.
   requirements = importlib.metadata.requires("concept-diffusion") or []
   assert any(re.match(r"filelock\b", requirement) for requirement in requirements), requirements
 

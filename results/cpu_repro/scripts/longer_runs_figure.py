@@ -3,17 +3,16 @@
 Usage, from the repository root (reads only the archived records; writes results/cpu_repro/longer_runs.png):
   python results/cpu_repro/scripts/longer_runs_figure.py
 """
-import glob
 import json
 import os
-import re
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from concept_diffusion.train.workdir import eval_path, eval_steps, load_config  # noqa: E402
+
 ROOT = "results/cpu_repro"
-BATCH = 32  # configs/repro_cpu.py train.batch_size
 # Issue #9's curve for a minimal pixel-space EncDiff on the same machine (one run): images -> FactorVAE, DCI, MIG.
 REFERENCE = {37_000: (0.62, 0.13, 0.03), 70_000: (0.78, 0.31, 0.06), 126_000: (0.85, 0.48, 0.11)}
 METRICS = (("factor_vae.eval_accuracy", "FactorVAE", 0.90), ("dci.disentanglement", "DCI disentanglement", 0.70),
@@ -25,11 +24,15 @@ SOURCES = (  # (label, directories of one seed's records, in training order; lin
 
 
 def evaluations(directory):
+  """{images seen: evaluation record} of one archived run directory."""
+  workdir = os.path.join(ROOT, directory)
+  if not os.path.isdir(workdir):
+    return {}
+  batch_size = load_config(workdir).train.batch_size
   points = {}
-  for path in glob.glob(os.path.join(ROOT, directory, "eval", "metrics_*.json")):
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-    points[int(re.search(r"metrics_(\d+)\.json", path).group(1)) * BATCH] = record
+  for step in eval_steps(workdir, "metrics"):
+    with open(eval_path(workdir, "metrics", step), encoding="utf-8") as f:
+      points[step * batch_size] = json.load(f)
   return points
 
 
