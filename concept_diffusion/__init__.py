@@ -1,11 +1,14 @@
-"""concept-diffusion: EncDiff (arXiv 2402.09712) in JAX/Flax."""
-import jax as _jax
+"""concept-diffusion: EncDiff (arXiv 2402.09712) in JAX/Flax.
 
-# The partitionable threefry (JAX's default since 0.5) makes XLA:CPU spend ~8x longer compiling parameter
-# initialisation (measured: 37 s vs 4.5 s for the smoke encoder on 2 cores). Random values stay
-# independent of sharding either way; set JAX_THREEFRY_PARTITIONABLE=1 to override.
-import os as _os
-if "JAX_THREEFRY_PARTITIONABLE" not in _os.environ:
-  _jax.config.update("jax_threefry_partitionable", False)
-
+`concept_diffusion.load_run(workdir)` opens a trained run (api.py); `concept_diffusion.models.encdiff` is the
+model. Importing the package sets no global JAX flag.
+"""
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # load_run pulls in JAX and Flax; a lazy attribute keeps `import concept_diffusion.data` etc. light.
+  if name in ("load_run", "Run"):
+    from concept_diffusion import api  # pylint: disable=g-import-not-at-top
+    return getattr(api, name)
+  raise AttributeError(f"module 'concept_diffusion' has no attribute {name!r}")

@@ -4,8 +4,13 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
+
+from concept_diffusion.models.encdiff import EncDiff, as_uint8
+from concept_diffusion.workdir import FIGURES_DIR, eval_history, eval_path, eval_steps, figure_path, read_metrics
 
 
 def image_grid(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, pad: int = 2,
@@ -130,21 +135,6 @@ def plot_metric_history(history: Sequence[dict], path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The figures of a run (swap grid, attention maps, traversals, reconstructions, samples, curves, DCI).
 
-def _latest_eval(workdir: str) -> dict | None:
-  history = eval_history(workdir)
-  return history[-1] if history else None
-
-
-def eval_history(workdir: str) -> list[dict]:
-  import json  # pylint: disable=g-import-not-at-top
-  from concept_diffusion.train.workdir import eval_path, eval_steps  # pylint: disable=g-import-not-at-top
-  records = []
-  for step in eval_steps(workdir, "metrics"):
-    with open(eval_path(workdir, "metrics", step), encoding="utf-8") as f:
-      records.append(json.load(f))
-  return records
-
-
 def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
   """'token k' plus the factor it explains most (DCI importance); '(uninformative)' when its importance is
   below 5% of the most important token's."""
@@ -160,7 +150,20 @@ def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
   return labels
 
 
-def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, num_images: int | None = None,
+def figures_hook(snapshot) -> list[str]:
+  """The trainer's figures hook (train/trainer.py Hooks): the swap grid and reconstructions during training,
+  every figure when the run is finished, only the loss curves when it has no diffusion stage."""
+  s = snapshot
+  if s.state is None:
+    path = figure_path(s.workdir, "loss_curves.png")
+    plot_curves(read_metrics(s.workdir), path)
+    return [path]
+  return write_run_figures(s.config, s.workdir, s.dataset, s.model, s.state, s.ae_params, s.rng, step=s.step,
+                           writer=s.writer, light=not s.final)
+
+
+def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_params, rng, *, step: int,
+                      num_images: int | None = None,
                       attention_side: int | None = None, traversal_values: int = 7,
                       writer=None, light: bool = False) -> list[str]:
   """Writes the figures of a trained run to W/figures/ (and TensorBoard when `writer` is given).
@@ -171,23 +174,16 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
   metric history. `light` writes only the swap grid and the reconstructions (the periodic training figures).
   Sampling is batched and jitted (EMA UNet, config.sample's DDIM steps and eta).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from concept_diffusion import generate  # pylint: disable=g-import-not-at-top
-  from concept_diffusion.train.workdir import (  # pylint: disable=g-import-not-at-top
-      computation_config, eval_path, eval_steps)
-  from concept_diffusion.train.writer import read_metrics  # pylint: disable=g-import-not-at-top
-  frozen = computation_config(config)
-  figures = os.path.join(workdir, "figures")
-  step = int(state.step)
+  figures = os.path.join(workdir, FIGURES_DIR)
   steps, eta = config.sample.ddim_steps, config.sample.eta
   n = num_images or config.sample.num_images
   upscale = max(1, 64 // config.data.image_size)
-  to_u8 = lambda x: np.asarray(generate.as_uint8(x))
+  to_u8 = lambda x: np.asarray(as_uint8(x))
   indices = np.sort(np.random.default_rng(config.seed + step).choice(dataset.num_images, size=2 * n, replace=False))
   images = jnp.asarray(dataset.images(indices))
   sources, targets = images[:n], images[n:]
-  evaluation = _latest_eval(workdir)
+  history = eval_history(workdir)
+  evaluation = history[-1] if history else None
   labels = token_labels(config.encoder.num_tokens, evaluation)
   keys = jax.random.split(rng, 4)
   written = []
@@ -198,17 +194,17 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
     if writer is not None:
       writer.image(step, f"figures/{name[:-4]}", grid)
 
-  swaps = generate.swap_grid(frozen, state, ae_params, sources, targets, keys[0], steps=steps, eta=eta)
+  swaps = model.swap_grid(state, ae_params, sources, targets, keys[0], steps=steps, eta=eta)
   save("swap_grid.png", image_grid([to_u8(sources), to_u8(targets)] + [to_u8(r) for r in swaps],
                                    ["source", "target", "own tokens"] + [f"swap {s}" for s in labels],
                                    upscale=upscale))
 
-  recon = generate.reconstruct(frozen, state, ae_params, sources, keys[3], steps=steps, eta=eta)
+  recon = model.reconstruct(state, ae_params, sources, keys[3], steps=steps, eta=eta)
   x, y = (np.asarray(sources) + 1) / 2, np.clip((np.asarray(recon) + 1) / 2, 0, 1)
   mse, ssim_value = float(np.mean((x - y) ** 2)), float(np.mean(ssim(x, y)))
   rows, row_labels = [to_u8(sources)], ["input"]
-  if config.first_stage.kind != "none":
-    rows.append(to_u8(generate.first_stage_reconstruct(frozen, ae_params, sources)))
+  if model.first_stage is not None:
+    rows.append(to_u8(model.first_stage_reconstruct(ae_params, sources)))
     row_labels.append("autoencoder")
   rows.append(to_u8(recon))
   row_labels.append(f"DDIM {steps}: MSE {mse:.4f} SSIM {ssim_value:.3f}")
@@ -218,18 +214,19 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
   if light:
     return written
 
-  _, own_tokens = generate.encode(frozen, state, sources)
-  if config.unet.conditioning == "cross_attention":
-    side = attention_side or generate.attention_sides(frozen)[0]
-    samples, maps = generate.sample_with_attention(frozen, state, ae_params, own_tokens, keys[1], steps=steps,
-                                                   eta=eta, side=side)
+  _, own_tokens = model.encode_with_tokens(state, sources)
+  if _has_cross_attention(model, state, own_tokens):
+    side = attention_side or model.attention_sides()[0]
+    samples, maps = model.sample_jit(state, ae_params, own_tokens, keys[1], steps=steps, eta=eta,
+                                     attention_side=side)
     maps = np.asarray(maps)
     big = np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2)
+    big = big if big.shape[-1] == 3 else np.repeat(big[..., :1], 3, axis=-1)  # grey images beside colour overlays
     rows = [np.stack([big[i]] + [heat_overlay(big[i], maps[i, :, :, k] / max(maps[i].max(), 1e-8))
                                  for k in range(maps.shape[-1])]) for i in range(n)]
     save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)]))
-  else:  # the AdaGN ablation has no cross-attention maps to draw
-    samples = generate.sample_from_tokens(frozen, state, ae_params, own_tokens, keys[1], steps=steps, eta=eta)
+  else:  # e.g. the AdaGN ablation: no cross-attention maps to draw
+    samples = model.sample_jit(state, ae_params, own_tokens, keys[1], steps=steps, eta=eta)
   save("samples.png", image_grid([to_u8(samples)], ["samples"], upscale=upscale))
 
   code_steps = eval_steps(workdir, "codes")
@@ -237,9 +234,9 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
     codes = np.load(eval_path(workdir, "codes", code_steps[-1]), mmap_mode="r")
     codes = np.asarray(codes[np.linspace(0, len(codes) - 1, min(len(codes), 20000)).astype(int)])
   else:
-    codes = np.asarray(generate.encode(frozen, state, images)[0])
+    codes = np.asarray(model.encode(state, images))
   values = np.quantile(codes, np.linspace(0.05, 0.95, traversal_values), axis=0).T  # (N, V)
-  trav = generate.traversal_grid(frozen, state, ae_params, sources[0], jnp.asarray(values, jnp.float32), keys[2],
+  trav = model.traversal_grid(state, ae_params, sources[0], jnp.asarray(values, jnp.float32), keys[2],
                                  steps=steps, eta=eta)
   save("traversals.png", image_grid([to_u8(r) for r in trav], labels, upscale=upscale))
 
@@ -249,8 +246,17 @@ def write_run_figures(config, workdir: str, dataset, state, ae_params, rng, *, n
     written.append(os.path.join(figures, "dci_importance.png"))
     plot_matrix(np.asarray(evaluation["dci.importance_matrix"]), written[-1], "token",
                 evaluation.get("factor_names", []), f"DCI importance, step {evaluation['step']}")
-  history = eval_history(workdir)
   if history:
     written.append(os.path.join(figures, "metrics.png"))
     plot_metric_history(history, written[-1])
   return written
+
+
+def _has_cross_attention(model: EncDiff, state, tokens) -> bool:
+  """Whether the UNet records any cross-attention probabilities (not with AdaGN or another conditioning that
+  keeps the tokens out of the attention layers)."""
+  x = jax.ShapeDtypeStruct((1,) + model.latent_shape, jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  _, inter = jax.eval_shape(lambda p, x, t, c: model.denoise(p, x, t, c, capture_attention=True), state.ema_unet, x,
+                            t, tokens[:1])
+  return bool(jax.tree_util.tree_leaves(inter))

@@ -5,11 +5,11 @@ Same architecture and training recipe as the official config, scaled down: every
 """
 import ml_collections
 
-from concept_diffusion import defaults
+from concept_diffusion.config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = defaults.get_base_config()
+  config = get_base_config()
   config.name = "quickstart"
   config.seed = 0
   config.data.image_size = 32

@@ -6,7 +6,7 @@ The same model and objective as the paper (Encoder4 -> N scalars -> per-scalar M
 every transformer of a UNet, plain noise-prediction loss, nothing else), scaled to what two cores can train, with
 one departure: training timesteps are drawn around mid noise instead of uniformly (below).
 On a CPU, images per second bounds everything, so each choice below buys images/s or learning per image.
-Measured throughput and the reasons are in README "Reproduction and baselines". Ablations (paper Tables 3, 12):
+Measured throughput and the reasons are in RESULTS.md. Ablations (paper Tables 3, 12):
   --config.encoder.num_tokens=5 | 10      (20 is this config)
   --config.unet.conditioning=adagn        (tokens through the ResBlocks' norms instead of cross-attention)
   --config.diffusion.timestep_sampling=uniform   (the paper's and official timestep sampling)
@@ -14,11 +14,11 @@ experiments/reproduce.py runs them all.
 """
 import ml_collections
 
-from concept_diffusion import defaults
+from concept_diffusion.config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = defaults.get_base_config()
+  config = get_base_config()
   config.name = "repro_cpu"
   config.seed = 0
 

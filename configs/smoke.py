@@ -1,11 +1,11 @@
 """Tiny everything: seconds on a CPU. Used by the tests."""
 import ml_collections
 
-from concept_diffusion import defaults
+from concept_diffusion.config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = defaults.get_base_config()
+  config = get_base_config()
   config.name = "smoke"
   config.seed = 0
   config.data.image_size = 16

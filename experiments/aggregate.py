@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from concept_diffusion.train.workdir import eval_path, eval_steps
+from concept_diffusion.workdir import eval_path, eval_steps
 
 _NON_METRIC_KEYS = frozenset({"step", "dataset"})
 

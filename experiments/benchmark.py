@@ -1,28 +1,25 @@
 r"""Measures training and inference speed on whatever devices JAX sees; prints a table, optionally writes JSON.
 
-  python experiments/benchmark.py --config=configs/procedural_shapes.py [--batch_sizes=8,32,128] [--steps=20] \
+  encdiff-benchmark --config=procedural_shapes [--batch_sizes=8,32,128] [--steps=20] \
       [--json=out.json] [--sample_steps=10] [--profile_steps=3 --profile_dir=/tmp/prof]
 
 Per batch size: compile time and FLOPs of the first-stage and diffusion train steps, the diffusion step's
 median/p90 time, images/s, achieved FLOP/s and MFU (XLA's FLOP count of the compiled step over the device's
 peak: published for TPUs/GPUs, measured by a large matmul on CPUs), XLA's memory plan and peak device memory,
 DDIM time per image, encoder and input-pipeline images/s; with --profile_steps, where the step's time goes
-(concept_diffusion/profiling.py). README "Performance" explains the numbers.
+(concept_diffusion/tools/profiling.py). docs/performance.md explains the numbers.
 """
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-from concept_diffusion import cli  # noqa: E402
+from concept_diffusion import parallel
+from concept_diffusion.tools import cli
+from concept_diffusion.tools.benchmark import format_report, run_benchmark
 
-cli.add_repo_root_to_path()
-
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config: a name in configs/ or a .py file.", lock_config=True)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Global batch sizes (default: the config's train.batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps per batch size (after --warmup untimed ones).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after compiling.")
@@ -42,14 +39,12 @@ _JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
 flags.mark_flags_as_required(["config"])
 
 
-def main(argv):
+def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  from concept_diffusion import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed(config.distributed)
-  cli.enable_compilation_cache()  # README "Performance": compile_cache says whether a compile was served by it
-  from concept_diffusion.benchmark import format_report, run_benchmark  # pylint: disable=g-import-not-at-top
+  cli.enable_compilation_cache()  # docs/performance.md: compile_cache says whether a compile was served by it
   try:
     batch_sizes = [int(b) for b in _BATCH_SIZES.value] if _BATCH_SIZES.value else None
   except ValueError as e:
@@ -66,5 +61,9 @@ def main(argv):
     print(f"wrote {_JSON.value}")
 
 
+def main():
+  cli.run(_main)
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  main()

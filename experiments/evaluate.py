@@ -1,23 +1,20 @@
 r"""Encodes a run's dataset with its trained encoder and computes the disentanglement metrics.
 
-  python experiments/evaluate.py --workdir=runs/quickstart [--step=S] [--metrics=factor_vae,dci] [--from_codes]
+  encdiff-evaluate --workdir=runs/quickstart [--step=S] [--metrics=factor_vae,dci] [--from_codes]
 
 Writes W/eval/metrics_<step>.json (merged: metrics not recomputed keep their earlier values) and
 W/eval/codes_<step>.npy and prints a table. --from_codes re-scores the code table an earlier evaluation saved
 (no checkpoint, no encoding pass), e.g. to add per-factor scores or another metric to a finished run.
 """
-import os
-import sys
+from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from concept_diffusion import api, data
+from concept_diffusion.baselines import trainer as baseline_trainer
+from concept_diffusion.evaluation import evaluate
+from concept_diffusion.tools import cli
+from concept_diffusion.workdir import load_config
 
-from concept_diffusion import cli  # noqa: E402
-
-cli.add_repo_root_to_path()
-
-from absl import flags, logging  # noqa: E402
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments/train.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by encdiff-train.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: the config's eval.metrics). Known: beta_vae, "
                              "dci, mig, factor_vae, sap, modularity. 'token_reliance' alone: only that diagnostic "
@@ -27,34 +24,30 @@ _FROM_CODES = flags.DEFINE_bool("from_codes", False, "Score W/eval/codes_<step>.
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
+def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from concept_diffusion.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  from concept_diffusion.train.run import (  # pylint: disable=g-import-not-at-top
-      load_dataset, restore_diffusion_state, restore_first_stage_params)
-  from concept_diffusion.train.workdir import load_config  # pylint: disable=g-import-not-at-top
-  config = load_config(_WORKDIR.value)
-  dataset = load_dataset(config)
+  workdir = _WORKDIR.value
+  config = load_config(workdir)
+  dataset = data.get_dataset(config.data)
   extras, source = {}, ""
   if _FROM_CODES.value:
-    step, scores, extras = evaluate.evaluate_saved_codes(config, dataset, _WORKDIR.value, _STEP.value,
+    step, scores, extras = evaluate.evaluate_saved_codes(config, dataset, workdir, _STEP.value,
                                                          metrics=_METRICS.value)
     source = " (saved codes)"
   elif config.baseline.kind:  # a VAE baseline: its code table is the posterior mean
-    from concept_diffusion.baselines import trainer  # pylint: disable=g-import-not-at-top
-    state = trainer.restore_baseline_state(config, _WORKDIR.value, _STEP.value)
+    state = baseline_trainer.restore_baseline_state(config, workdir, _STEP.value)
     step = int(state.step)
-    scores, extras = trainer.evaluate_baseline(config, state, dataset, _WORKDIR.value, step, metrics=_METRICS.value)
+    scores, extras = baseline_trainer.evaluate_baseline(config, state, dataset, workdir, step,
+                                                        metrics=_METRICS.value)
   else:
-    state = restore_diffusion_state(config, _WORKDIR.value, _STEP.value)
-    step = int(state.step)
-    ae_params = restore_first_stage_params(config, _WORKDIR.value)
+    run = api.load_run(workdir, _STEP.value)
+    step = run.step
     if _METRICS.value == ["token_reliance"]:  # the diagnostic alone needs no code table
-      scores = evaluate.reliance_scores(config, state, dataset, ae_params)
+      scores = evaluate.reliance_scores(config, run.model, run.variables, dataset, run.ae_params)
     else:
-      scores, extras = evaluate.evaluate_run(config, state, dataset, _WORKDIR.value, step, metrics=_METRICS.value,
-                                             ae_params=ae_params)
+      scores, extras = evaluate.evaluate_encdiff(config, run.model, run.variables, dataset, workdir, step,
+                                                 metrics=_METRICS.value, ae_params=run.ae_params)
   print(f"{config.data.name} step {step}{source}")
   print(evaluate.format_table(scores))
   per_factor = evaluate.format_per_factor(extras, dataset.factor_names)
@@ -62,5 +55,9 @@ def main(argv):
     print(per_factor)
 
 
+def main():
+  cli.run(_main)
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  main()

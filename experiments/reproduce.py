@@ -33,12 +33,10 @@ import sys
 import time
 from typing import Sequence
 
+from concept_diffusion.workdir import eval_path, eval_steps
+from experiments import aggregate
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import aggregate  # noqa: E402  (experiments/aggregate.py)
-
-from concept_diffusion.train.workdir import eval_path, eval_steps  # noqa: E402
 
 SEEDS = (0, 1, 2)
 ENCDIFF, BETA_VAE, BETA_TCVAE = "EncDiff", "beta-VAE", "beta-TCVAE"

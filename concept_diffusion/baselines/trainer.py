@@ -15,22 +15,23 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from concept_diffusion import data as data_lib
 from concept_diffusion import parallel, visualize
 from concept_diffusion.baselines import losses
 from concept_diffusion.baselines.vae import build_vae, reparameterize, to_unit_interval
 from concept_diffusion.checkpoint import StageCheckpoints, restore_checkpoint
+from concept_diffusion.config import validate_config
 from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
-from concept_diffusion.train import run, sharded
+from concept_diffusion.train import jit_step, trainer
 from concept_diffusion.train.loop import run_loop
-from concept_diffusion.train.workdir import check_or_write_config, computation_config, eval_path, validate_config
-from concept_diffusion.train.writer import MetricWriter, read_metrics
+from concept_diffusion.workdir import (BASELINE_DIR, MetricWriter, check_or_write_config, eval_path, figure_path,
+                                       read_metrics)
 
-BASELINE_DIR = STAGE = "baseline"
+STAGE = "baseline"
 
 
 @flax.struct.dataclass
@@ -38,7 +39,7 @@ class BaselineState:
   step: jax.Array
   params: Any
   opt_state: Any
-  nonfinite_steps: jax.Array  # steps whose update was dropped for a NaN/Inf (train/sharded.py)
+  nonfinite_steps: jax.Array  # steps whose update was dropped for a NaN/Inf (train/jit_step.py)
 
 
 def make_optimizer(bl) -> optax.GradientTransformation:
@@ -87,25 +88,18 @@ def state_shardings(config, mesh) -> BaselineState:
   return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_train_step(frozen_config, mesh, fsdp_min_size: int):
-  shardings = parallel.state_shardings(abstract_state(frozen_config), mesh, fsdp_min_size)
-  return sharded.jit_train_step(functools.partial(baseline_train_step, config=frozen_config), mesh, shardings)
-
-
-def make_train_step(config, mesh=None):
+def make_train_step(config, mesh):
   """fn(state, images, rng) -> (state, metrics), jitted over the mesh; `rng` constant (the step is folded in)."""
-  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   parallel.check_batch_size(config.baseline.batch_size, mesh, "baseline.batch_size")
-  return _jitted_train_step(computation_config(config), mesh, config.mesh.fsdp_min_size)
+  return jit_step.jit_train_step(functools.partial(baseline_train_step, config=config), mesh,
+                                 state_shardings(config, mesh))
 
 
-def encode_run(config, state: BaselineState, dataset, *, out_path: str | None = None,
-               progress: bool = True) -> np.ndarray:
+def encoder_of(config, state: BaselineState):
   """The (num_images, latent_dim) table of posterior means: the representation disentanglement_lib scores."""
   model = build_vae(config)
   fn = lambda params, images: model.apply({"params": params}, images, method="encode")[0]
-  return encode_dataset(fn, state.params, dataset, config.eval.batch_size, out_path=out_path, progress=progress)
+  return lambda dataset, **kwargs: encode_dataset(fn, state.params, dataset, config.eval.batch_size, **kwargs)
 
 
 def restore_baseline_state(config, workdir: str, step: int | None = None) -> BaselineState:
@@ -114,7 +108,7 @@ def restore_baseline_state(config, workdir: str, step: int | None = None) -> Bas
 
 def evaluate_baseline(config, state: BaselineState, dataset, workdir: str, step: int, **kwargs):
   """evaluate_run with the baseline's code table; writes W/eval/metrics_<step>.json."""
-  return evaluate_run(config, state, dataset, workdir, step, encode=encode_run, **kwargs)
+  return evaluate_run(config, encoder_of(config, state), dataset, workdir, step, **kwargs)
 
 
 def _say(message: str) -> None:
@@ -124,13 +118,18 @@ def _say(message: str) -> None:
 
 def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineState:
   """Trains (resumes, or skips when finished) a config.baseline.kind model in `workdir`, evaluates it."""
+  with trainer.prng_context():
+    return _train_baseline(config, workdir)
+
+
+def _train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineState:
   validate_config(config)
   if not config.baseline.kind:
     raise ValueError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
   bl = config.baseline
   is_main = jax.process_index() == 0
   check_or_write_config(config, workdir, write=is_main)
-  dataset = run.load_dataset(config)
+  dataset = data_lib.get_dataset(config.data)
   mesh = parallel.make_mesh(config.mesh)
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 40)
@@ -139,11 +138,11 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
   shardings = state_shardings(config, mesh)
   latest = ckpts.latest_step() or 0
   # seed + 1: the diffusion stage's data seed, so both models see the same permutation of the dataset.
-  pipeline = run.make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size")
+  pipeline = trainer.make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size")
   if latest:
     state = ckpts.resume(parallel.with_shardings(abstract_state(config), shardings), pipeline, STAGE)
   else:
-    state = sharded.create_sharded(functools.partial(create_baseline_state, config), rng, shardings)
+    state = jit_step.create_sharded(functools.partial(create_baseline_state, config), rng, shardings)
   trained = latest < bl.num_steps
   if trained:
     def evaluate_during_training(step: int, s: BaselineState) -> None:
@@ -168,6 +167,6 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
       writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
       _say(f"evaluation at step {step}:\n{format_table(scores)}")
   if is_main:
-    visualize.plot_curves(read_metrics(workdir), os.path.join(workdir, "figures", "loss_curves.png"))
+    visualize.plot_curves(read_metrics(workdir), figure_path(workdir, "loss_curves.png"))
   writer.close()
   return state

@@ -46,6 +46,10 @@ def get_dataset(data_config: Any) -> GroundTruthDataset:
   if channels != dataset.image_shape[-1]:
     raise ValueError(f"data.channels={channels!r} but {name} images have {dataset.image_shape[-1]} channels; "
                      f"set data.channels={dataset.image_shape[-1]}.")
+  size = _field(data_config, "image_size")
+  if tuple(dataset.image_shape[:2]) != (size, size):
+    raise ValueError(f"Dataset {name!r} yields images of shape {tuple(dataset.image_shape)}, but the config expects "
+                     f"{(size, size, dataset.image_shape[-1])} (data.image_size, data.channels). Set them to match.")
   return dataset
 
 

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from concept_diffusion import parallel
 from concept_diffusion.data.base import GroundTruthDataset
-from concept_diffusion.data.sampling import batch_indices
+from concept_diffusion.data.batch_order import batch_indices
 
 _NUM_STEPS = 2 ** 40  # "infinite": grain's MapDataset wants a length
 

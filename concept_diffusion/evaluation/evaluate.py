@@ -8,49 +8,61 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from concept_diffusion import generate
 from concept_diffusion.data.base import GroundTruthDataset
 from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.metrics import evaluate_codes
 from concept_diffusion.evaluation.token_reliance import token_reliance
-from concept_diffusion.train.workdir import computation_config, eval_path, eval_steps
+from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
+from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps
+
+# encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
+EncodeFn = Callable[..., np.ndarray]
 
 
-def _scalars(frozen_config, state, images):
-  return generate.encode(frozen_config, state, images)[0]
+def encoder_of(model: EncDiff, state, batch_size: int) -> EncodeFn:
+  """EncDiff's code table: the scalars, with running BatchNorm statistics and the raw (non-EMA) encoder."""
+  variables = EncDiffVariables(state.params, state.batch_stats, None, state.scale_factor)  # what crosses into jit
+  return lambda dataset, **kwargs: encode_dataset(model.encode, variables, dataset, batch_size, **kwargs)
 
 
-def encode_run(config, state, dataset: GroundTruthDataset, *, out_path: str | None = None,
-               progress: bool = True) -> np.ndarray:
-  """The (num_images, num_tokens) scalar table: running BatchNorm statistics, raw (non-EMA) encoder."""
-  frozen = computation_config(config)
-  encoder_state = state.replace(opt_state=None, ema_unet=None)  # only what the encoder reads crosses into jit
-  return encode_dataset(lambda s, images: _scalars(frozen, s, images), encoder_state, dataset,
-                        config.eval.batch_size, out_path=out_path, progress=progress)
-
-
-def evaluate_run(config, state, dataset: GroundTruthDataset, workdir: str, step: int, *,
+def evaluate_run(config, encode: EncodeFn, dataset: GroundTruthDataset, workdir: str, step: int, *,
                  metrics: Sequence[str] | None = None, metric_kwargs: dict | None = None,
                  progress: bool = True, save_codes: bool = True,
-                 encode: Callable[..., np.ndarray] | None = None,
-                 ae_params: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+                 extra_scores: Callable[[], dict[str, float]] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
   """Writes W/eval/metrics_<step>.json (and W/eval/codes_<step>.npy); returns (scores, extras).
 
-  `encode(config, state, dataset, out_path=, progress=)` makes the code table; default `encode_run` (EncDiff's
-  scalars). The baselines pass their own (the mean of q(z|x)), so every model is scored by the same code.
-  An EncDiff run's scores also get the token-reliance diagnostic (eval.token_reliance_images; in a latent space
-  only when its first stage's `ae_params` are given).
+  `encode` makes the code table: `encoder_of(model, state, ...)` for EncDiff's scalars; the baselines pass their
+  own (the mean of q(z|x)), so every model is scored by the same code. `extra_scores()` adds diagnostics (EncDiff:
+  `reliance_scores`).
   """
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  os.makedirs(os.path.join(workdir, EVAL_DIR), exist_ok=True)
   codes_path = eval_path(workdir, "codes", step) if save_codes else None
-  codes = (encode or encode_run)(config, state, dataset, out_path=codes_path, progress=progress)
+  codes = encode(dataset, out_path=codes_path, progress=progress)
   scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes,
                                   metrics=tuple(metrics or config.eval.metrics), seed=config.eval.seed,
                                   metric_kwargs=metric_kwargs, return_extras=True)
-  if encode is None:
-    scores.update(reliance_scores(config, state, dataset, ae_params))
+  if extra_scores is not None:
+    scores.update(extra_scores())
   write_metrics(eval_path(workdir, "metrics", step), step, dataset, scores, extras)
   return scores, extras
+
+
+def evaluate_encdiff(config, model: EncDiff, state, dataset: GroundTruthDataset, workdir: str, step: int, *,
+                     ae_params: Any = None, **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
+  """`evaluate_run` of an EncDiff state, with the token-reliance diagnostic (eval.token_reliance_images; in a
+  latent space only when its first stage's `ae_params` are given)."""
+  return evaluate_run(config, encoder_of(model, state, config.eval.batch_size), dataset, workdir, step,
+                      extra_scores=lambda: reliance_scores(config, model, state, dataset, ae_params), **kwargs)
+
+
+def evaluation_hook(snapshot) -> dict[str, float]:
+  """The trainer's evaluate hook (train/trainer.py Hooks): eval.train_metrics during training, without keeping
+  the code table (480,000 x 20 floats = 38 MB each); the full eval.metrics with the code table when final."""
+  s = snapshot
+  if s.final:
+    return evaluate_encdiff(s.config, s.model, s.state, s.dataset, s.workdir, s.step, ae_params=s.ae_params)[0]
+  return evaluate_encdiff(s.config, s.model, s.state, s.dataset, s.workdir, s.step, ae_params=s.ae_params,
+                          metrics=s.config.eval.train_metrics, progress=False, save_codes=False)[0]
 
 
 def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step: int | None = None, *,
@@ -62,7 +74,7 @@ def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step
   if not steps or (step is not None and step not in steps):
     wanted = os.path.basename(eval_path(workdir, "codes", step)) if step is not None else "code tables"
     raise FileNotFoundError(
-        f"no saved {wanted} in {os.path.join(workdir, 'eval')}; steps with one: {steps or 'none'} (evaluations "
+        f"no saved {wanted} in {os.path.join(workdir, EVAL_DIR)}; steps with one: {steps or 'none'} (evaluations "
         "save them unless save_codes=False). Evaluate from the checkpoint instead: drop --from_codes.")
   step = steps[-1] if step is None else step
   codes = np.load(eval_path(workdir, "codes", step))
@@ -94,15 +106,16 @@ def write_metrics(path: str, step: int, dataset: GroundTruthDataset, scores: dic
   return record
 
 
-def reliance_scores(config, state, dataset: GroundTruthDataset, ae_params: Any) -> dict[str, float]:
+def reliance_scores(config, model: EncDiff, state, dataset: GroundTruthDataset,
+                    ae_params: Any) -> dict[str, float]:
   """The token-reliance diagnostic on eval.token_reliance_images images drawn with eval.seed ({} when off, or in a
   latent space without the first stage's `ae_params`)."""
-  num = config.eval.get("token_reliance_images", 0)
-  if num < 2 or (config.first_stage.kind != "none" and ae_params is None):
+  num = config.eval.token_reliance_images
+  if num < 2 or (model.first_stage is not None and ae_params is None):
     return {}
   images = dataset.sample(num, np.random.RandomState(config.eval.seed))[1]
-  return token_reliance(config, state, images, jax.random.PRNGKey(config.eval.seed), ae_params=ae_params,
-                        num_bands=config.eval.get("token_reliance_bands", 5))
+  return token_reliance(model, state, images, jax.random.PRNGKey(config.eval.seed), ae_params=ae_params,
+                        num_bands=config.eval.token_reliance_bands)
 
 
 def format_table(scores: dict[str, float]) -> str:

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from concept_diffusion.diffusion import make_schedule, noise_loss
-from concept_diffusion.train import diffusion_stage, first_stage
+from concept_diffusion.diffusion import noise_loss
+from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
 
 PREFIX = "token_reliance"
 
@@ -31,52 +31,49 @@ def band_edges(num_timesteps: int, num_bands: int) -> list[tuple[int, int]]:
   return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "bands"))
-def _band_losses(config, state, ae_params: Any, images: jax.Array, rng: jax.Array, bands: tuple) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("model", "bands"))
+def _band_losses(model: EncDiff, state, ae_params: Any, images: jax.Array, rng: jax.Array, bands: tuple) -> jax.Array:
   """(num_bands, 2): mean loss with own tokens and with another image's tokens, the UNet being trained (not EMA).
 
   One UNet call per band on the batch twice (own tokens, then swapped), in a `lax.map` over the bands, so the
   UNet is compiled once whatever the number of bands."""
-  encoder, unet = diffusion_stage.build_models(config)
-  schedule = make_schedule(config.diffusion)
-  _, tokens = encoder.apply({"params": state.params["encoder"], "batch_stats": state.batch_stats}, images)
+  _, tokens = model.encode_with_tokens(state, images)
   context = jnp.concatenate([tokens, jnp.roll(tokens, 1, axis=0)])  # image i then gets image i-1's tokens
-  latents = first_stage.first_stage_encode(config, ae_params, images) * state.scale_factor
+  latents = model.latents(ae_params, images) * state.scale_factor
   batch = images.shape[0]
 
   def one_band(band):
     index, lo, hi = band
     t_key, noise_key = jax.random.split(jax.random.fold_in(rng, index))
-    t, x_t, target = diffusion_stage.denoiser_inputs(config, schedule, latents,
-                                                     jax.random.randint(t_key, (batch,), lo, hi),
-                                                     jax.random.normal(noise_key, latents.shape, latents.dtype))
-    eps = unet.apply({"params": state.params["unet"]}, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), context)
-    return jnp.stack([noise_loss(eps[:batch], target, config.diffusion.loss),
-                      noise_loss(eps[batch:], target, config.diffusion.loss)])
+    t, x_t, target = model.denoiser_inputs(latents, jax.random.randint(t_key, (batch,), lo, hi),
+                                           jax.random.normal(noise_key, latents.shape, latents.dtype))
+    eps = model.denoise(state.params["unet"], jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), context)
+    return jnp.stack([noise_loss(eps[:batch], target, model.loss_kind),
+                      noise_loss(eps[batch:], target, model.loss_kind)])
 
   lows, highs = (jnp.asarray([band[k] for band in bands], jnp.int32) for k in (0, 1))
   return jax.lax.map(one_band, (jnp.arange(len(bands)), lows, highs))
 
 
-def token_reliance(config, state, images: np.ndarray, rng: jax.Array, *, ae_params: Any = None,
+def token_reliance(model: EncDiff, state, images: np.ndarray, rng: jax.Array, *, ae_params: Any = None,
                    num_bands: int = 5) -> dict[str, float]:
   """{"token_reliance.t<lo>-<hi>": relative loss increase with another image's tokens, ..., "token_reliance.mean"}.
 
-  `images` (B >= 2, H, W, C) in [-1, 1], distinct images; `ae_params` the first stage's (None in pixel space).
-  The one-shot ablation has no timesteps: one entry, "token_reliance.one_shot".
+  `images` (B >= 2, H, W, C) in [-1, 1], distinct images; `state` has the fields of EncDiffVariables;
+  `ae_params` the first stage's (None in pixel space). The one-shot ablation has no timesteps: one entry,
+  "token_reliance.one_shot".
   """
-  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
   if images.shape[0] < 2:
     raise ValueError(f"token_reliance needs at least 2 images to swap tokens between, got {images.shape[0]}.")
-  if config.first_stage.kind != "none" and ae_params is None:
-    raise ValueError("token_reliance: this config diffuses in a first stage's latent space; pass its ae_params "
-                     "(train.run.restore_first_stage_params).")
-  one_shot = diffusion_stage.is_one_shot(config)
-  bands = ((0, 1),) if one_shot else tuple(band_edges(config.diffusion.timesteps, num_bands))
-  losses = np.asarray(jax.device_get(_band_losses(computation_config(config), state, ae_params,
-                                                  jnp.asarray(images), rng, bands)), np.float64)
+  if model.first_stage is not None and ae_params is None:
+    raise ValueError("token_reliance: this model diffuses in a first stage's latent space; pass its ae_params "
+                     "(states.restore_first_stage_params).")
+  bands = ((0, 1),) if model.one_shot else tuple(band_edges(model.schedule.num_timesteps, num_bands))
+  state = EncDiffVariables(state.params, state.batch_stats, None, state.scale_factor)  # what crosses into jit
+  losses = np.asarray(jax.device_get(_band_losses(model, state, ae_params, jnp.asarray(images), rng, bands)),
+                      np.float64)
   gaps = (losses[:, 1] - losses[:, 0]) / np.maximum(losses[:, 0], 1e-12)
-  names = ["one_shot"] if one_shot else [f"t{lo}-{hi}" for lo, hi in bands]
+  names = ["one_shot"] if model.one_shot else [f"t{lo}-{hi}" for lo, hi in bands]
   scores = {f"{PREFIX}.{name}": float(gap) for name, gap in zip(names, gaps)}
   scores[f"{PREFIX}.mean"] = float(gaps.mean())
   return scores

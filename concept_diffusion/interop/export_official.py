@@ -20,16 +20,7 @@ import ml_collections
 
 from concept_diffusion.checkpoint import restore_checkpoint
 from concept_diffusion.interop import official
-from concept_diffusion.train.run import AE_DIR, DIFFUSION_DIR
-from concept_diffusion.train.workdir import load_config
-
-
-def _first_stage_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where training took the first stage from (first_stage.checkpoint when the stage was not run here)."""
-  own = os.path.join(workdir, AE_DIR)
-  if "first_stage" not in config.stages and config.first_stage.checkpoint:
-    return os.path.join(config.first_stage.checkpoint, AE_DIR)
-  return own
+from concept_diffusion.workdir import DIFFUSION_DIR, first_stage_dir, load_config
 
 
 def export_workdir(workdir: str, step: Optional[int] = None) -> tuple[official.StateDict, int]:
@@ -39,7 +30,7 @@ def export_workdir(workdir: str, step: Optional[int] = None) -> tuple[official.S
                    "diffusion")
   ae_params = None
   if config.first_stage.kind != "none":
-    ae_params = restore_checkpoint(_first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
+    ae_params = restore_checkpoint(first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
                          "first-stage").ae_params
   global_step = int(state.step)
   sd = official.export_state_dict(config, params=state.params, batch_stats=state.batch_stats,
@@ -53,7 +44,7 @@ def export_autoencoder(workdir: str) -> tuple[official.StateDict, int]:
   config = load_config(workdir)
   if config.first_stage.kind == "none":
     raise ValueError(f"{workdir} is a pixel-space run (first_stage.kind 'none'): it has no autoencoder to export.")
-  fs_state = restore_checkpoint(_first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
+  fs_state = restore_checkpoint(first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
                       "first-stage")
   return official.export_autoencoder_state_dict(fs_state), int(fs_state.step)
 

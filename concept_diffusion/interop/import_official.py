@@ -34,9 +34,9 @@ import optax
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.interop import official
 from concept_diffusion.models import autoencoder
-from concept_diffusion.train import diffusion_stage, first_stage
-from concept_diffusion.train.run import AE_DIR, DIFFUSION_DIR
-from concept_diffusion.train.workdir import check_or_write_config, validate_config
+from concept_diffusion import states
+from concept_diffusion.config import validate_config
+from concept_diffusion.workdir import AE_DIR, DIFFUSION_DIR, check_or_write_config
 
 
 def _as_jax_like(tree: Any, template: Any, what: str) -> Any:
@@ -85,7 +85,7 @@ def fresh_optimizer_state(config: ml_collections.ConfigDict, params: Any, step: 
   Only the schedule's counter moves: Adam's own count stays 0 so that its bias correction matches its zero
   moments, while the learning rate continues where the official run was instead of warming up again.
   """
-  opt_state = init_optimizer(diffusion_stage.make_optimizer(config.train), params)
+  opt_state = init_optimizer(states.make_optimizer(config.train, states.learning_rate_schedule(config.train)), params)
   is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
 
   def move(s):
@@ -94,11 +94,11 @@ def fresh_optimizer_state(config: ml_collections.ConfigDict, params: Any, step: 
 
 
 def make_diffusion_state(config: ml_collections.ConfigDict, weights: official.ImportedWeights, step: int,
-                         template: Optional[diffusion_stage.DiffusionState] = None) -> diffusion_stage.DiffusionState:
+                         template: Optional[states.DiffusionState] = None) -> states.DiffusionState:
   """The imported weights as a DiffusionState at `step` (template: the abstract state, built when not given)."""
   template = template if template is not None else official.abstract_diffusion_state(config)
   params = _as_jax_like(weights.params, template.params, "parameters")
-  return diffusion_stage.DiffusionState(
+  return states.DiffusionState(
       step=jnp.asarray(step, template.step.dtype),
       params=params,
       batch_stats=_as_jax_like(weights.batch_stats, template.batch_stats, "BatchNorm statistics"),
@@ -109,7 +109,7 @@ def make_diffusion_state(config: ml_collections.ConfigDict, weights: official.Im
 
 
 def make_first_stage_state(config: ml_collections.ConfigDict, weights: official.ImportedWeights,
-                           rng: jax.Array) -> first_stage.FirstStageState:
+                           rng: jax.Array) -> states.FirstStageState:
   """A finished-looking FirstStageState: imported autoencoder (and discriminator when it fits), fresh optimizers.
 
   Built from the abstract state rather than create_first_stage_state, which would also initialise (and compile)
@@ -125,7 +125,7 @@ def make_first_stage_state(config: ml_collections.ConfigDict, weights: official.
     disc = autoencoder.build_discriminator(config.first_stage)
     disc_vars = _jit_once(functools.partial(disc.init, train=False))(rng, jnp.zeros((1, size, size, channels)))
     disc_params, disc_stats = disc_vars["params"], disc_vars["batch_stats"]
-  ae_tx, disc_tx = first_stage.make_first_stage_optimizers(config)
+  ae_tx, disc_tx = states.make_first_stage_optimizers(config)
   state = template.replace(step=jnp.asarray(max(config.first_stage.num_steps, 1), template.step.dtype),
                           ae_params=ae_params, ae_opt_state=init_optimizer(ae_tx, ae_params),
                           disc_params=disc_params, disc_batch_stats=disc_stats,

@@ -36,7 +36,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from concept_diffusion import states
 from concept_diffusion.diffusion.schedule import SCHEDULES, make_beta_schedule
+from concept_diffusion.models import autoencoder
 
 OFFICIAL_COMMIT = "596a29d"  # github.com/SelenaGeRuiqi/EncDiff mirror of the official code's first commit
 OFFICIAL_REPO = "github.com/ThomasMrY/EncDiff"
@@ -311,8 +313,8 @@ def _cached_by_config(fn):
 @_cached_by_config
 def abstract_diffusion_state(config: ml_collections.ConfigDict):
   """DiffusionState of ShapeDtypeStructs for `config` (no parameter is materialised)."""
-  from concept_diffusion.train import diffusion_stage  # pylint: disable=g-import-not-at-top
-  return jax.eval_shape(functools.partial(diffusion_stage.create_diffusion_state, config), jax.random.PRNGKey(0))
+  model, tx, _ = states.build_diffusion(config)
+  return states.abstract_state(model, tx)
 
 
 @_cached_by_config
@@ -320,8 +322,7 @@ def abstract_first_stage_state(config: ml_collections.ConfigDict):
   """FirstStageState of ShapeDtypeStructs for `config`; None in pixel space (first_stage.kind 'none')."""
   if config.first_stage.kind == "none":
     return None
-  from concept_diffusion.train import first_stage  # pylint: disable=g-import-not-at-top
-  return jax.eval_shape(functools.partial(first_stage.create_first_stage_state, config), jax.random.PRNGKey(0))
+  return states.abstract_first_stage_state(config)
 
 
 @_cached_by_config
@@ -329,7 +330,6 @@ def abstract_ae_params(config: ml_collections.ConfigDict) -> Any:
   """The first stage's parameters as ShapeDtypeStructs; None in pixel space."""
   if config.first_stage.kind == "none":
     return None
-  from concept_diffusion.models import autoencoder  # pylint: disable=g-import-not-at-top
   module = autoencoder.build_first_stage(config.first_stage, config.data.channels)
   return autoencoder.abstract_params(module, config.data.image_size, config.data.channels)
 

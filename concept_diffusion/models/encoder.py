@@ -46,10 +46,7 @@ class ConceptEncoder(nn.Module):
     self.norms = [nn.BatchNorm(name=f"encoder_{i}", **bn) for i in (1, 4, 7, 9, 12)]
     self.res = [_EncResBlock(self.width, bn, name=f"encoder_{i}") for i in (11, 14)]
     self.head = nn.Dense(self.num_tokens, kernel_init=torch_kernel_init, name="encoder_16")
-    dims = (1, *self.mlp_widths, self.token_dim)
-    self.mlp = [(self.param(f"net_{2 * j}_kernel", _stacked_uniform(d_in), (self.num_tokens, d_in, d_out)),
-                 self.param(f"net_{2 * j}_bias", _stacked_uniform(d_in), (self.num_tokens, d_out)))
-                for j, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]))]
+    self.mlp = token_mlp_params(self, self.num_tokens, self.mlp_widths, self.token_dim)
 
   def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.ndim != 4:
@@ -68,16 +65,31 @@ class ConceptEncoder(nn.Module):
 
   def tokens(self, scalars: jax.Array) -> jax.Array:
     """(B, N) scalars -> (B, N, token_dim); token k depends only on scalar k."""
-    h = scalars[..., None]
-    for j, (kernel, bias) in enumerate(self.mlp):
-      h = jnp.einsum("bni,nio->bno", h, kernel) + bias
-      if j < len(self.mlp) - 1:
-        h = nn.elu(h)
-    return h
+    return apply_token_mlp(scalars, self.mlp)
 
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     scalars = self.encode(x, train)
     return scalars, self.tokens(scalars)
+
+
+def token_mlp_params(module: nn.Module, num_tokens: int, mlp_widths: Sequence[int],
+                     token_dim: int) -> list[tuple[jax.Array, jax.Array]]:
+  """The N independent MLPs 1 -> mlp_widths -> token_dim of `module` (call from its setup), stored stacked
+  (N, in, out) as `net_<2j>_kernel` / `net_<2j>_bias` (the official `net.<2j>` names). Any encoder can reuse them."""
+  dims = (1, *mlp_widths, token_dim)
+  return [(module.param(f"net_{2 * j}_kernel", _stacked_uniform(d_in), (num_tokens, d_in, d_out)),
+           module.param(f"net_{2 * j}_bias", _stacked_uniform(d_in), (num_tokens, d_out)))
+          for j, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]))]
+
+
+def apply_token_mlp(scalars: jax.Array, mlp: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
+  """(B, N) scalars -> (B, N, token_dim) through `token_mlp_params`' MLPs, ELU between layers."""
+  h = scalars[..., None]
+  for j, (kernel, bias) in enumerate(mlp):
+    h = jnp.einsum("bni,nio->bno", h, kernel) + bias
+    if j < len(mlp) - 1:
+      h = nn.elu(h)
+  return h
 
 
 def _stacked_uniform(fan_in: int):

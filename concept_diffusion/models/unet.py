@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from concept_diffusion.models.conditioning import CONDITIONINGS
 from concept_diffusion.models.layers import ResBlock, SpatialTransformer, conv, dense, group_norm, timestep_embedding
 
 
@@ -26,10 +27,9 @@ class UNet(nn.Module):
   what; `remat` recomputes each ResBlock's and SpatialTransformer's activations in the backward pass instead of
   storing them (less memory for large batches, about one more forward pass of compute).
 
-  `conditioning="adagn"`: the tokens are concatenated into one (B, N * token_dim) vector that scales every
-  ResBlock's normalised features (Diff-AE's AdaGN, paper Table 3 "EncDiff w/ AdaGN"); the SpatialTransformers
-  lose their cross-attention and keep self-attention + MLP, so the only difference is how the tokens enter.
-  The call signature is the same, so training, generation and evaluation do not change.
+  `conditioning` names a registered conditioning (models/conditioning.py) that routes the tokens to the
+  cross-attention layers (default), the ResBlocks' norms (AdaGN, paper Table 3), the timestep embedding, or
+  nowhere. The call signature is the same for all, so training, generation and evaluation do not change.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -43,7 +43,7 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = True
   norm_groups: int = 32
-  conditioning: str = "cross_attention"  # cross_attention | adagn
+  conditioning: str = "cross_attention"  # a name in models/conditioning.CONDITIONINGS
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   attention_impl: str = "auto"
@@ -72,12 +72,13 @@ class UNet(nn.Module):
     emb = timestep_embedding(timesteps, self.model_channels)
     emb = dense(emb_dim, "time_embed_2", dtype=self.dtype)(nn.silu(dense(emb_dim, "time_embed_0", dtype=self.dtype)(
         emb.astype(self.dtype))))
-    context = context.astype(self.dtype)
-    cond = None
-    if self.conditioning == "adagn":
-      cond, context = context.reshape(context.shape[0], -1), None
-    elif self.conditioning != "cross_attention":
-      raise ValueError(f"unet.conditioning must be 'cross_attention' or 'adagn', got {self.conditioning!r}.")
+    if self.conditioning not in CONDITIONINGS:
+      raise ValueError(f"unet.conditioning={self.conditioning!r} is not registered; known: {sorted(CONDITIONINGS)}.")
+    routes = CONDITIONINGS[self.conditioning](emb_dim=emb_dim, dtype=self.dtype, name="conditioning")(
+        context.astype(self.dtype))
+    context, cond = routes.context, routes.adagn
+    if routes.emb is not None:
+      emb = emb + routes.emb.astype(emb.dtype)
 
     if self.learned_input:
       x = jnp.broadcast_to(self.param("learned_input", nn.initializers.normal(1.0), (1,) + x.shape[1:]), x.shape)

@@ -1,5 +1,5 @@
 """First-stage (autoencoder) training: taming's VQLPIPSWithDiscriminator / LDM's LPIPSWithDiscriminator as pure
-functions, plus the encode/decode helpers the diffusion stage calls on the frozen autoencoder.
+functions. The diffusion stage then uses the frozen autoencoder through EncDiff.latents / EncDiff.decode.
 
 One `first_stage_train_step` does what Lightning does per batch with taming's two optimizers: an autoencoder
 (generator) update, then a discriminator update, each with its own Adam(lr, b1=0.5, b2=0.9).
@@ -7,89 +7,22 @@ One `first_stage_train_step` does what Lightning does per batch with taming's tw
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
-from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from concept_diffusion import parallel
+from concept_diffusion.states import (FirstStageState, check_first_stage_kind, check_perceptual,
+                                     first_stage_state_shardings,
+                                     make_first_stage_optimizers)
 from concept_diffusion.models import autoencoder
-from concept_diffusion.train import sharded
+from concept_diffusion.train import jit_step
 
 Array = jax.Array
 PyTree = Any
-
-
-@flax.struct.dataclass
-class FirstStageState:
-  """Everything that changes during first-stage training; checkpointed as one pytree."""
-  step: Array
-  ae_params: PyTree
-  disc_params: PyTree
-  disc_batch_stats: PyTree
-  ae_opt_state: optax.OptState
-  disc_opt_state: optax.OptState
-  nonfinite_steps: Array  # steps whose update was dropped for a NaN/Inf (see loop.guard_nonfinite)
-
-
-def _check_perceptual(fs: ml_collections.ConfigDict) -> None:
-  if fs.lpips_weights:
-    raise NotImplementedError(
-        f"config.first_stage.lpips_weights={fs.lpips_weights!r}: the LPIPS perceptual loss (VGG16 features + "
-        "learned linear heads) is not implemented in concept_diffusion yet. Set "
-        "--config.first_stage.lpips_weights='' to train with L1 + codebook/KL + GAN losses only (perceptual "
-        "loss off), which is a deviation from the official VQLPIPSWithDiscriminator.")
-
-
-def _check_kind(config: ml_collections.ConfigDict) -> str:
-  kind = config.first_stage.kind
-  if kind == "none":
-    raise ValueError("config.first_stage.kind='none' has no autoencoder to train: skip the first stage and run the "
-                     "diffusion stage in pixel space.")
-  if kind not in autoencoder.FIRST_STAGE_KINDS:
-    raise ValueError(f"config.first_stage.kind must be one of {autoencoder.FIRST_STAGE_KINDS}, got {kind!r}.")
-  return kind
-
-
-def make_first_stage_optimizers(
-    config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  """(autoencoder, discriminator) optimizers: taming's two Adam(lr, betas=(b1, b2)), same lr."""
-  fs = config.first_stage
-  make = lambda: optax.adam(fs.lr, b1=fs.b1, b2=fs.b2)
-  return make(), make()
-
-
-def create_first_stage_state(config: ml_collections.ConfigDict, rng: Array) -> FirstStageState:
-  """Initialises autoencoder, discriminator and both optimizers for `config.data` images."""
-  _check_kind(config)
-  fs = config.first_stage
-  _check_perceptual(fs)
-  if fs.perceptual_weight > 0:
-    logging.log_first_n(logging.WARNING, "first stage: perceptual (LPIPS) loss is OFF (config.first_stage."
-                        "lpips_weights is empty); training with L1 + %s + GAN only.", 1,
-                        "codebook" if fs.kind == "vq" else "KL")
-  channels = config.data.channels
-  model = autoencoder.build_first_stage(fs, channels)
-  disc = autoencoder.build_discriminator(fs)
-  x = jnp.zeros((1, config.data.image_size, config.data.image_size, channels), jnp.float32)
-  ae_rng, disc_rng = jax.random.split(rng)
-  # jit: eager Flax init dispatches hundreds of small ops one by one, which is far slower than one compile.
-  ae_params = jax.jit(model.init)(ae_rng, x)["params"]
-  disc_vars = jax.jit(functools.partial(disc.init, train=False))(disc_rng, x)
-  ae_tx, disc_tx = make_first_stage_optimizers(config)
-  return FirstStageState(
-      step=jnp.zeros((), jnp.int32),
-      ae_params=ae_params,
-      disc_params=disc_vars["params"],
-      disc_batch_stats=disc_vars["batch_stats"],
-      ae_opt_state=ae_tx.init(ae_params),
-      disc_opt_state=disc_tx.init(disc_vars["params"]),
-      nonfinite_steps=jnp.zeros((), jnp.int32),
-  )
 
 
 def hinge_d_loss(logits_real: Array, logits_fake: Array) -> Array:
@@ -125,8 +58,8 @@ def first_stage_train_step(state: FirstStageState, images: Array, rng: Array,
   order as PyTorch does.
   """
   fs = config.first_stage
-  kind = _check_kind(config)
-  _check_perceptual(fs)
+  kind = check_first_stage_kind(config)
+  check_perceptual(fs)
   model = autoencoder.build_first_stage(fs, config.data.channels)
   disc = autoencoder.build_discriminator(fs)
   ae_tx, disc_tx = make_first_stage_optimizers(config)
@@ -209,52 +142,9 @@ def first_stage_train_step(state: FirstStageState, images: Array, rng: Array,
   return new_state, metrics
 
 
-def first_stage_encode(config: ml_collections.ConfigDict, ae_params: PyTree, images: Array,
-                       rng: Optional[Array] = None) -> Array:
-  """Images -> diffusion latents: pre-quantisation latent ('vq'), posterior mean or sample with `rng` ('kl'),
-  the images themselves ('none'). `ae_params` is the 'params' collection (FirstStageState.ae_params)."""
-  model = autoencoder.build_first_stage(config.first_stage, config.data.channels)
-  if model is None:
-    return images
-  if isinstance(model, autoencoder.AutoencoderKL):
-    return model.apply({"params": ae_params}, images, rng, method=model.encode)
-  return model.apply({"params": ae_params}, images, method=model.encode)
-
-
-def first_stage_decode(config: ml_collections.ConfigDict, ae_params: PyTree, latents: Array) -> Array:
-  """Diffusion latents -> images (for 'vq' the latents are quantised first); identity for 'none'."""
-  model = autoencoder.build_first_stage(config.first_stage, config.data.channels)
-  if model is None:
-    return latents
-  return model.apply({"params": ae_params}, latents, method=model.decode)
-
-
-def abstract_ae_params(config: ml_collections.ConfigDict) -> Optional[PyTree]:
-  """The autoencoder's parameters as ShapeDtypeStructs (None in pixel space)."""
-  if config.first_stage.kind == "none":
-    return None
-  module = autoencoder.build_first_stage(config.first_stage, config.data.channels)
-  return autoencoder.abstract_params(module, config.data.image_size, config.data.channels)
-
-
-def abstract_state(config: ml_collections.ConfigDict) -> FirstStageState:
-  return jax.eval_shape(functools.partial(create_first_stage_state, config), jax.random.PRNGKey(0))
-
-
-def state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> FirstStageState:
-  return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_train_step(frozen_config: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh,
-                       fsdp_min_size: int):
-  shardings = parallel.state_shardings(abstract_state(frozen_config), mesh, fsdp_min_size)
-  return sharded.jit_train_step(functools.partial(first_stage_train_step, config=frozen_config), mesh, shardings)
-
-
-def make_train_step(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None):
-  """The jitted, sharded step fn(state, images, rng) -> (state, metrics), as diffusion_stage.make_train_step."""
-  from concept_diffusion.train.workdir import computation_config  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The jitted, sharded step fn(state, images, rng) -> (state, metrics), closing over the config's values (read
+  once, when it is traced); compiled once per call of this function, state donated."""
   parallel.check_batch_size(config.first_stage.batch_size, mesh, "first_stage.batch_size")
-  return _jitted_train_step(computation_config(config), mesh, config.mesh.fsdp_min_size)
+  return jit_step.jit_train_step(functools.partial(first_stage_train_step, config=config), mesh,
+                                 first_stage_state_shardings(config, mesh))

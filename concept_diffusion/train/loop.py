@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from concept_diffusion.checkpoint import StageCheckpoints
-from concept_diffusion.train.writer import MetricWriter
+from concept_diffusion.workdir import MetricWriter
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
 
@@ -78,7 +78,7 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
   """Runs steps [state.step, num_steps); returns the final state (checkpointed, saves finished).
 
   `batches` yields the global batch of each step in order and has get_state() (saved with each checkpoint).
-  `step_fn(state, images, rng)` folds the step into the constant `rng` itself (see train/sharded.py).
+  `step_fn(state, images, rng)` folds the step into the constant `rng` itself (see train/jit_step.py).
   Metrics stay on device between log points (no per-step host sync). A step whose loss or gradient was not
   finite left the state unchanged (the step drops it); with on_nonfinite="stop" the loop then ends with an
   error naming that step before anything is saved, with "skip" it counts it and goes on. On preemption

@@ -1,6 +1,6 @@
 """Token reliance of the raw UNet vs its EMA (the one the figures sample with), on one checkpoint of each run.
 
-Usage, from the repository root with the runs under runs/repro (session 6 wrote ema_vs_raw_reliance.jsonl so):
+Usage, from the repository root with the runs under runs/repro (ema_vs_raw_reliance.jsonl was written so, 2026-12-02):
   python results/cpu_repro/scripts/ema_vs_raw_reliance.py encdiff_seed2 encdiff_seed0 encdiff_seed1
 """
 import json

@@ -18,8 +18,8 @@ REFERENCE = {37_000: (0.62, 0.13, 0.03), 70_000: (0.78, 0.31, 0.06), 126_000: (0
 METRICS = (("factor_vae.eval_accuracy", "FactorVAE", 0.90), ("dci.disentanglement", "DCI disentanglement", 0.70),
            ("mig.discrete_mig", "MIG", None))
 SOURCES = (  # (label, directories of one seed's records, in training order; line style)
-    ("table run (2,400 steps) + session-8 extension", ("runs/encdiff_seed{s}", "extensions/encdiff_seed{s}_to4000_partial"), "-"),
-    ("session-9 rerun to 4,000 steps", ("extensions/encdiff_seed{s}_rerun4000",), "--"),
+    ("table run (2,400 steps) + its extension", ("runs/encdiff_seed{s}", "extensions/encdiff_seed{s}_to4000_partial"), "-"),
+    ("rerun from scratch to 4,000 steps", ("extensions/encdiff_seed{s}_rerun4000",), "--"),
 )
 
 

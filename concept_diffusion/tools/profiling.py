@@ -17,7 +17,7 @@ metadata (layout copies, the weight-gradient convolutions' input transposes) are
 Tested on XLA:CPU, whose op events are on the host plane's worker-thread lines; on GPUs the device plane's op
 events are used instead when present. Op times are summed over threads. On a multi-threaded CPU large dots and
 convolutions run asynchronously and their events cover little more than the launch (the report says so): per-op
-rates need the single-thread mode (README "Performance").
+rates need the single-thread mode (docs/performance.md).
 """
 from __future__ import annotations
 

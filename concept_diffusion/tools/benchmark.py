@@ -16,16 +16,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from concept_diffusion import generate, parallel, perf, profiling
+from concept_diffusion import data as data_lib
+from concept_diffusion import parallel, states
+from concept_diffusion.config import validate_config
 from concept_diffusion.evaluation.encode import make_encode_step
-from concept_diffusion.models import autoencoder
-from concept_diffusion.train import diffusion_stage, first_stage, run
-from concept_diffusion.train.workdir import computation_config, validate_config
+from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
+from concept_diffusion.tools import perf, profiling
+from concept_diffusion.train import diffusion_stage, first_stage, trainer
 
 
 def make_batches(config, dataset, batch_size: int, mesh) -> Any:
-  """The training input pipeline (an iterator of global batches), as train/run.py builds it."""
-  return run.make_pipeline(config, dataset, batch_size, config.seed + 1, mesh, "benchmark batch size")
+  """The training input pipeline (an iterator of global batches), as train/trainer.py builds it."""
+  return trainer.make_pipeline(config, dataset, batch_size, config.seed + 1, mesh, "benchmark batch size")
 
 
 class _CacheProbe:
@@ -56,20 +58,20 @@ class _CacheProbe:
     return compiled, lower_s, compile_s, seen[-1] if seen else "uncached"
 
 
-def random_ae_params(config, mesh) -> Any:
+def random_ae_params(model: EncDiff, mesh, fsdp_min_size: int) -> Any:
   """Freshly initialised first-stage parameters in their shardings (None in pixel space)."""
-  module = autoencoder.build_first_stage(config.first_stage, config.data.channels)
-  if module is None:
+  if model.first_stage is None:
     return None
-  shardings = parallel.state_shardings(first_stage.abstract_ae_params(config), mesh, config.mesh.fsdp_min_size)
-  x = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels), jnp.float32)
-  return jax.jit(lambda key: module.init(key, x)["params"], out_shardings=shardings)(jax.random.PRNGKey(1))
+  shardings = parallel.state_shardings(model.abstract_ae_params(), mesh, fsdp_min_size)
+  x = jnp.zeros((1,) + model.image_shape, jnp.float32)
+  return jax.jit(lambda key: model.first_stage.init(key, x)["params"], out_shardings=shardings)(jax.random.PRNGKey(1))
 
 
 def _first_stage_compile(config, mesh, images, key, probe: _CacheProbe) -> dict[str, Any]:
   if config.first_stage.kind == "none":
     return {"first_stage_compile_s": None, "first_stage_flops_per_step": None}
-  abstract = parallel.with_shardings(first_stage.abstract_state(config), first_stage.state_shardings(config, mesh))
+  abstract = parallel.with_shardings(states.abstract_first_stage_state(config),
+                                     states.first_stage_state_shardings(config, mesh))
   step = first_stage.make_train_step(config, mesh)
   compiled, lower_s, compile_s, _ = probe.timed_compile(lambda: step.lower(abstract, images, key))
   flops = perf.compiled_flops(compiled)
@@ -77,13 +79,14 @@ def _first_stage_compile(config, mesh, images, key, probe: _CacheProbe) -> dict[
           "first_stage_flops_per_step": None if flops is None else flops * mesh.size}
 
 
-def _sampling(config, frozen, state, ae_params, images, key, steps: int, probe: _CacheProbe) -> dict[str, Any]:
+def _sampling(config, model: EncDiff, state, ae_params, images, key, steps: int,
+              probe: _CacheProbe) -> dict[str, Any]:
   if steps <= 0:
     return {"sample_steps": 0, "sample_compile_s": None, "sample_ms_per_image": None}
-  tokens = jax.jit(lambda s, x: generate.encode(frozen, s, x)[1])(state, images)
+  tokens = jax.jit(model.encode_with_tokens)(state, images)[1]
   eta = float(config.sample.eta)
   compiled, lower_s, compile_s, _ = probe.timed_compile(
-      lambda: generate.sample_from_tokens.lower(frozen, state, ae_params, tokens, key, steps=steps, eta=eta))
+      lambda: EncDiff.sample_jit.lower(model, state, ae_params, tokens, key, steps=steps, eta=eta))
   call = lambda: compiled(state, ae_params, tokens, key)
   jax.block_until_ready(call())  # first call: buffers, thread pools
   batch_s = min(perf.time_calls(call, 2))  # other processes only ever slow a call down
@@ -91,12 +94,13 @@ def _sampling(config, frozen, state, ae_params, images, key, steps: int, probe: 
           "sample_ms_per_image": 1e3 * batch_s / len(images)}
 
 
-def _encoder_throughput(frozen, state, dataset, batch_size: int, num_batches: int) -> float | None:
+def _encoder_throughput(model: EncDiff, state, dataset, batch_size: int, num_batches: int) -> float | None:
   """Images/s of whole-dataset evaluation's batch step (render + encode + copy to host), after warm-up."""
   if num_batches <= 0:
     return None
-  step, fetch = make_encode_step(lambda s, x: generate.encode(frozen, s, x)[0], dataset)
-  params = state.replace(opt_state=None, ema_unet=None)  # what evaluation passes: the encoder's part only
+  step, fetch = make_encode_step(model.encode, dataset)
+  # What evaluation passes: the encoder's part only.
+  params = EncDiffVariables(state.params, state.batch_stats, None, state.scale_factor)
   batches = [np.arange(i * batch_size, (i + 1) * batch_size) % dataset.num_images for i in range(num_batches + 1)]
   np.asarray(step(params, fetch(batches[0])))
   start = time.perf_counter()
@@ -122,7 +126,7 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
   """Every measurement at one global batch size (MFU is filled in by `run_benchmark`, which knows the peak)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.batch_size = config.first_stage.batch_size = config.eval.batch_size = batch_size
-  frozen = computation_config(config)
+  model, tx, lr_schedule = states.build_diffusion(config)
   key = jax.device_put(jax.random.PRNGKey(0), parallel.replicated(mesh))
   batches = make_batches(config, dataset, batch_size, mesh)
   images = batches.batch_at(0)
@@ -130,9 +134,12 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
   if with_first_stage:
     result.update(_first_stage_compile(config, mesh, images, key, probe))
 
-  ae_params = random_ae_params(config, mesh)
-  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
-  step = diffusion_stage.make_train_step(config, mesh)
+  ae_params = random_ae_params(model, mesh, config.mesh.fsdp_min_size)
+  state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
+  parallel.check_batch_size(batch_size, mesh)
+  step = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
+                                         fsdp_min_size=config.mesh.fsdp_min_size,
+                                         abstract_ae_params=model.abstract_ae_params())
   compiled, lower_s, xla_s, cache = probe.timed_compile(lambda: step.lower(state, images, ae_params, key))
   call = lambda s: compiled(s, images, ae_params, key)
   for _ in range(warmup):
@@ -170,8 +177,8 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
         trace_dir=os.path.join(profile_dir or "/tmp/concept_diffusion_profile", f"batch_{batch_size}"))
     result["profile"]["xla_gflop_per_step"] = None if per_device is None else per_device / 1e9
     state = holder[0]
-  result.update(_sampling(config, frozen, state, ae_params, images, key, sample_steps, probe))
-  result["encode_images_per_s"] = _encoder_throughput(frozen, state, dataset, batch_size, encode_batches)
+  result.update(_sampling(config, model, state, ae_params, images, key, sample_steps, probe))
+  result["encode_images_per_s"] = _encoder_throughput(model, state, dataset, batch_size, encode_batches)
   result["pipeline_images_per_s"] = _pipeline_throughput(config, dataset, batch_size, mesh, pipeline_batches)
   return result
 
@@ -192,7 +199,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   peak, peak_source = perf.device_peak_flops(devices[0], dtype)
   peaks = [peak]
   mesh = parallel.make_mesh(config.mesh)
-  dataset = run.load_dataset(config)
+  dataset = data_lib.get_dataset(config.data)
   probe = _CacheProbe()
   report = {
       "config": config.name, "device_kind": devices[0].device_kind, "platform": devices[0].platform,

@@ -1,10 +1,21 @@
-"""The complete config schema with the official EncDiff values (configs/latent-diffusion/*-vq-4-16-encdiff.yaml).
+"""The config: its complete schema with the official EncDiff values, validation, and what may change on resume.
 
 Every config in configs/ starts from `get_base_config()` and changes values only: a field that is not
 here is a typo, and `validate_config` says so. Where the paper and the official code disagree the
-comment says so; the default is the official code's value.
+comment says so; the default is the official code's value (configs/latent-diffusion/*-vq-4-16-encdiff.yaml).
 """
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+from typing import Any
+
 import ml_collections
+
+from concept_diffusion.diffusion import SCHEDULES, TIMESTEP_SAMPLINGS
+from concept_diffusion.models import encdiff
+from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -14,6 +25,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Stages `experiments/train.py` runs, in order. Leave out "first_stage" to reuse a trained autoencoder from
   # first_stage.checkpoint (a workdir whose autoencoder/ holds a finished run).
   config.stages = ("first_stage", "diffusion")
+  # Python modules imported before the model is built, e.g. ("my_lab.vit_encoder",): a module that registers an
+  # encoder, a conditioning or a first stage (models/encdiff.py, docs/extending.md). Kept in config.json, so
+  # evaluation, figures and load_run import them too.
+  config.extensions = ()
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "procedural_shapes"  # ground-truth dataset, see concept_diffusion.data.get_dataset
@@ -21,7 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.channels = 3
   config.data.tfds_data_dir = ""  # for TFDS-backed datasets (local path or gs://)
   config.data.manual_dir = ""  # for datasets read from the official download files
-  # Real datasets (README "Data"): "files" reads the official downloads in manual_dir, "tfds" a prepared TFDS
+  # Real datasets (docs/data.md): "files" reads the official downloads in manual_dir, "tfds" a prepared TFDS
   # dataset in tfds_data_dir (python -m concept_diffusion.data.prepare), "auto" = tfds if tfds_data_dir is set.
   config.data.source = "auto"
   # Where compressed downloads are converted once to memory-mapped .npy, and where the canonical order of TFDS
@@ -35,7 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # First stage: VQ-reg autoencoder, f=4 (configs/autoencoder/shapes3d_vq_4_16.yaml).
   fs = config.first_stage = ml_collections.ConfigDict()
-  fs.kind = "vq"  # vq (official) | kl (DisDiff's *_kl_4_16 variant) | none (pixel-space diffusion, paper Table 6)
+  fs.kind = "vq"  # a registered first stage (models/encdiff.py): vq (official) | kl (DisDiff's *_kl_4_16 variant) | none (pixel-space diffusion, paper Table 6)
   fs.ch = 32
   fs.ch_mult = (1, 2, 4)  # two downsamplings: 64x64 -> 16x16
   fs.num_res_blocks = 2
@@ -69,6 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Concept encoder: Encoder4 trunk + one MLP per scalar (openaimodel_enc.py).
   enc = config.encoder = ml_collections.ConfigDict()
+  enc.kind = "concept_cnn"  # a registered encoder (models/encdiff.py: register_encoder); concept_cnn reads all below
   enc.num_tokens = 20  # latent_unit; paper App. H Table 12 ablates 5..30
   enc.token_dim = 16  # context_dim; paper text says 32 ("following DisDiff"), the code and the 42.3M count say 16
   enc.width = 128  # d
@@ -87,11 +103,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   unet.use_scale_shift_norm = True
   unet.resblock_updown = True
   unet.norm_groups = 32
-  # How the tokens reach the UNet. cross_attention: keys/values of every SpatialTransformer (official, the paper's
+  # How the tokens reach the UNet (a registered conditioning, models/conditioning.py). cross_attention: keys/values of every SpatialTransformer (official, the paper's
   # model). adagn: the paper's Table 3 ablation "EncDiff w/ AdaGN" -- tokens concatenated into one vector that scales
   # each ResBlock's normalised features as Diff-AE's AdaGN does; the transformers keep self-attention + MLP only.
+  # none: an unconditional UNet (a control: the encoder then gets no gradient).
   unet.conditioning = "cross_attention"
-  # How (never what) the UNet computes; README "Performance". auto: convolutions over maps of <= 4x4 and 1x1
+  # How (never what) the UNet computes; docs/performance.md. auto: convolutions over maps of <= 4x4 and 1x1
   # convolutions as matmuls on CPU (XLA:CPU's conv is 10-25x slower there), XLA's conv elsewhere | xla | matmul.
   unet.conv_impl = "auto"
   # Attention whose probabilities are not being captured. auto: einsum on CPU (normalises the small output, not
@@ -145,7 +162,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   mesh.fsdp = 1
   mesh.fsdp_min_size = 2 ** 14  # arrays with fewer elements stay replicated (sharding them costs more than it saves)
 
-  # Multi-process JAX (TPU pods, multi-node GPU): see README "Running on Cloud TPU" and "Multi-GPU / SLURM".
+  # Multi-process JAX (TPU pods, multi-node GPU): see docs/scaling.md.
   dist = config.distributed = ml_collections.ConfigDict()
   dist.initialize = "auto"  # auto: when the environment is a TPU pod, a SLURM job or sets JAX_COORDINATOR_ADDRESS
   dist.coordinator_address = ""  # host:port of process 0, for clusters JAX cannot detect
@@ -190,3 +207,127 @@ def get_base_config() -> ml_collections.ConfigDict:
   bl.log_every = 100
   bl.checkpoint_every = 5_000
   return config
+
+
+# Fields a user may change between invocations on one workdir: they extend or observe a run without
+# changing what it computes.
+RESUMABLE_FIELDS = (
+    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.figure_every",
+    "first_stage.num_steps", "first_stage.log_every", "first_stage.checkpoint_every",
+    "sample.", "eval.", "stages", "name", "train.async_checkpoints", "train.on_nonfinite", "mesh.", "distributed.",
+    "data.tfds_data_dir", "data.manual_dir", "data.loader_threads", "data.prefetch_batches", "data.cache_dir",
+    "data.source",
+    "baseline.num_steps", "baseline.log_every", "baseline.checkpoint_every",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, (dict, ml_collections.ConfigDict)):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One clear ValueError for a field the schema does not know or a value no code path accepts."""
+  import_extensions(config)
+  known = _flatten(config_to_dict(get_base_config()))
+  for key in _flatten(config_to_dict(config)):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"Unknown config field {key!r}.{hint} The schema is concept_diffusion/config.py.")
+  checks = [
+      (config.first_stage.kind in encdiff.FIRST_STAGES,
+       f"first_stage.kind must be a registered first stage, one of {sorted(encdiff.FIRST_STAGES)}"),
+      (config.encoder.kind in encdiff.ENCODERS,
+       f"encoder.kind must be a registered encoder, one of {sorted(encdiff.ENCODERS)}"),
+      (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
+      (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.diffusion.get("objective", "eps") in ("eps", "one_shot"),
+       "diffusion.objective must be 'eps' or 'one_shot'"),
+      (config.diffusion.get("timestep_sampling", "uniform") in TIMESTEP_SAMPLINGS,
+       f"diffusion.timestep_sampling must be one of {TIMESTEP_SAMPLINGS}"),
+      (config.diffusion.get("timestep_logit_std", 1.0) > 0, "diffusion.timestep_logit_std must be > 0"),
+      (config.eval.get("token_reliance_images", 0) >= 0 and config.eval.get("token_reliance_bands", 5) >= 1,
+       "eval.token_reliance_images must be >= 0 (0 = off) and eval.token_reliance_bands >= 1"),
+      (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
+      (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
+      (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
+       "stages must be a non-empty subset of ('first_stage', 'diffusion')"),
+      (config.train.batch_size > 0 and config.first_stage.batch_size > 0, "batch sizes must be positive"),
+      (config.encoder.num_tokens > 0 and config.encoder.token_dim > 0, "encoder.num_tokens/token_dim must be > 0"),
+      (config.unet.conditioning in encdiff.CONDITIONINGS,
+       f"unet.conditioning must be a registered conditioning, one of {sorted(encdiff.CONDITIONINGS)}"),
+      (config.unet.conv_impl in CONV_IMPLS, f"unet.conv_impl must be one of {CONV_IMPLS}"),
+      (config.unet.attention_impl in ATTENTION_IMPLS, f"unet.attention_impl must be one of {ATTENTION_IMPLS}"),
+      (config.baseline.kind in ("", "beta_vae", "beta_tcvae"), "baseline.kind must be '', 'beta_vae' or "
+       "'beta_tcvae'"),
+      (config.baseline.batch_size > 0 and config.baseline.latent_dim > 0 and config.baseline.beta >= 0,
+       "baseline.batch_size and baseline.latent_dim must be > 0 and baseline.beta >= 0"),
+      # The disentanglement_lib encoder halves the image four times and its decoder doubles it back.
+      (not config.baseline.kind or config.data.image_size % 16 == 0,
+       "a baseline needs data.image_size divisible by 16 (four stride-2 convolutions)"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(f"Invalid config: {message}.")
+  for section, groups, widths in (("unet", config.unet.norm_groups, [config.unet.model_channels * m
+                                                                      for m in config.unet.channel_mult]),
+                                  ("first_stage", config.first_stage.norm_groups,
+                                   [config.first_stage.ch * m for m in config.first_stage.ch_mult])):
+    bad = [w for w in widths if w % groups]
+    if bad:
+      raise ValueError(f"Invalid config: {section}.norm_groups={groups} does not divide channel widths {bad}.")
+  if config.first_stage.kind in ("vq", "kl"):
+    factor = 2 ** (len(config.first_stage.ch_mult) - 1)
+    if config.data.image_size % factor:
+      raise ValueError(f"Invalid config: data.image_size={config.data.image_size} is not divisible by the first "
+                       f"stage's downsampling factor {factor} (first_stage.ch_mult={tuple(config.first_stage.ch_mult)}).")
+  for mult in config.unet.channel_mult:
+    if (mult * config.unet.model_channels) % config.unet.num_heads:
+      raise ValueError(f"Invalid config: unet.num_heads={config.unet.num_heads} does not divide "
+                       f"{mult * config.unet.model_channels} channels.")
+
+
+def _is_resumable(key: str) -> bool:
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUMABLE_FIELDS)
+
+def import_extensions(config: ml_collections.ConfigDict) -> None:
+  """Imports config.extensions (modules that register encoders, conditionings or first stages)."""
+  for name in config.get("extensions", ()):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"config.extensions names {name!r}, which cannot be imported ({e}). Install the package "
+                       "that provides it or put its directory on PYTHONPATH.") from e
+
+
+def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A full config from a (possibly older, partial) saved dict: fields it lacks keep their defaults."""
+  config = get_base_config()
+  _update(config, values)
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict):
+      _update(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def differing_fields(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+  """[(field, saved value, this config's value)] of the fields that change what a run computes. A field added to
+  the schema after `saved` was written counts as its default, so old workdirs still resume."""
+  new = _flatten(config_to_dict(config))
+  old = {**_flatten(config_to_dict(get_base_config())), **_flatten(saved)}
+  return [(k, old.get(k), new.get(k)) for k in sorted(set(new) | set(old))
+          if not _is_resumable(k) and new.get(k) != old.get(k)]

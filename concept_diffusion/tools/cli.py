@@ -1,24 +1,46 @@
-"""Shared entry-point plumbing for the experiments/ scripts: one clear line for the user's errors."""
+"""Entry-point plumbing shared by the console scripts (experiments/): config names, one clear line for the
+user's errors, the persistent compilation cache."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, KeyError, AttributeError)
 
 
-def add_repo_root_to_path() -> None:
-  """configs/*.py import `concept_diffusion` and sibling configs; make both importable from any cwd."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for path in (root, os.getcwd()):
-    if path not in sys.path:
-      sys.path.insert(0, path)
+def packaged_configs_dir() -> str | None:
+  """The directory of the installed `configs` package (configs/*.py), or None."""
+  spec = importlib.util.find_spec("configs")
+  return os.path.dirname(spec.origin) if spec and spec.origin else None
+
+
+def resolve_config_names(argv: Sequence[str]) -> list[str]:
+  """`--config=quickstart` (a bare name, no such file here) -> `--config=<installed configs>/quickstart.py`, so the
+  console scripts work from any directory; paths, and the `path:argument` form, pass through unchanged."""
+  out, argv = [], list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config=") or (i > 0 and argv[i - 1] == "--config"):
+      prefix, value = ("--config=", arg[len("--config="):]) if arg.startswith("--config=") else ("", arg)
+      name, sep, rest = value.partition(":")
+      configs_dir = packaged_configs_dir()
+      if name and os.sep not in name and not name.endswith(".py") and not os.path.exists(name) and configs_dir:
+        candidate = os.path.join(configs_dir, f"{name}.py")
+        if not os.path.exists(candidate):
+          known = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py") and not f.startswith("_"))
+          raise SystemExit(f"error: --config={name}: no such file and no packaged config of that name; "
+                           f"packaged configs: {', '.join(known)}.")
+        arg = f"{prefix}{candidate}{sep}{rest}"
+    out.append(arg)
+  return out
 
 
 def run(main: Callable) -> None:
-  """absl `app.run(main)`, but a bad flag, config override or input ends with `error: ...` and exit 2."""
+  """absl `app.run(main)`, but a config may be named (`--config=smoke`), and a bad flag, config override or input
+  ends with `error: ...` and exit 2."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  sys.argv = resolve_config_names(sys.argv)
   try:
     app.run(main)
   except USER_ERRORS as e:
