@@ -89,7 +89,8 @@ class Run:
     """(reconstructions, maps (B, side, side, N)): per token, its cross-attention probability over the query grid
     of `side` (default the finest), averaged over heads, layers of that grid and sampling steps."""
     if not self.model.attention_sides():
-      raise ValueError("this model's UNet has no attention layers to read maps from.")
+      raise ValueError(f"unet.conditioning={self.config.unet.conditioning!r}: the UNet has no cross-attention "
+                       "layers to read maps from.")
     side = side or self.model.attention_sides()[0]
     if side not in self.model.attention_sides():
       raise ValueError(f"no cross-attention layers at side {side}; sides with them: {self.model.attention_sides()}.")

@@ -215,7 +215,7 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
     return written
 
   _, own_tokens = model.encode_with_tokens(state, sources)
-  if _has_cross_attention(model, state, own_tokens):
+  if model.has_cross_attention():
     side = attention_side or model.attention_sides()[0]
     samples, maps = model.sample_jit(state, ae_params, own_tokens, keys[1], steps=steps, eta=eta,
                                      attention_side=side)
@@ -251,12 +251,3 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
     plot_metric_history(history, written[-1])
   return written
 
-
-def _has_cross_attention(model: EncDiff, state, tokens) -> bool:
-  """Whether the UNet records any cross-attention probabilities (not with AdaGN or another conditioning that
-  keeps the tokens out of the attention layers)."""
-  x = jax.ShapeDtypeStruct((1,) + model.latent_shape, jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  _, inter = jax.eval_shape(lambda p, x, t, c: model.denoise(p, x, t, c, capture_attention=True), state.ema_unet, x,
-                            t, tokens[:1])
-  return bool(jax.tree_util.tree_leaves(inter))

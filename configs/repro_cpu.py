@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   diff.loss = "l2"
   # Not the paper's uniform t (official; `ablation_uniform_t` in experiments/reproduce.py): t/T = sigmoid(N(0, 1))
   # puts 73% of the updates in the middle half of the noise levels, where the tokens can change the prediction.
-  # Measured at 76,800 images (RESULTS.md, session 4, seed 0): FactorVAE 0.673 vs 0.546, DCI 0.299 vs 0.177, and
+  # Measured at 76,800 images (RESULTS.md, the 2026-12-01 runs, seed 0): FactorVAE 0.673 vs 0.546, DCI 0.299 vs 0.177, and
   # the UNet relies on the tokens 2-3x sooner. Uniform t spends most updates at low t, where the eps loss is
   # dominated by fine noise the tokens cannot predict; the official runs can afford that over 4.8M images.
   diff.timestep_sampling = "logit_normal"
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The earlier check's value, a little above the official 2.56e-4 (at a 4x larger batch): with this few steps,
   # speed matters more than the last bit of stability. AdamW with weight decay 0.01 as official.
   train.lr = 3e-4
-  # Official 10,000 would be the whole run. 100, not 500: measured (session 4), this UNet's loss was still 0.55 at
+  # Official 10,000 would be the whole run. 100, not 500: measured (2026-12-01), this UNet's loss was still 0.55 at
   # step 300 of a 500-step warm-up (the zero-initialised output convolutions grow at the learning rate), and the
   # tokens had no measurable effect on the loss yet; the warm-up only slowed the start of a 2,400-step run.
   train.warmup_steps = 100

@@ -224,13 +224,13 @@ def single_core_env() -> dict[str, str]:
 
 
 def _lower_priority(core: int | None, nice: int) -> None:
-  """In the child before exec: pin it to `core`, and under Linux's autogroup scheduling (one group per session,
-  e.g. per terminal) lower its group's weight too, since `nice` alone only ranks processes within a group and
-  would leave the run competing on equal terms with the user's other sessions."""
+  """In the child before exec: pin it to `core`, and under Linux's autogroup scheduling (one group per setsid()
+  group, e.g. per terminal) lower its group's weight too, since `nice` alone only ranks processes within a group
+  and would leave the run competing on equal terms with the user's other terminals."""
   if core is not None:
     os.sched_setaffinity(0, {core})
   if nice > 0:
-    os.setsid()  # its own session, so its own autogroup: lowering it leaves the caller's session alone
+    os.setsid()  # detached from the terminal, so its own autogroup: lowering it leaves the caller's group alone
     try:
       with open("/proc/self/autogroup", "w", encoding="ascii") as f:
         f.write(str(min(nice, 19)))
@@ -250,7 +250,7 @@ def run_all(runs: Sequence[Run], root: str, *, nice: int = 0, parallel: int = 1,
   try:
     _schedule(queue, active, failed, root, nice=nice, parallel=parallel, cores=cores, poll_s=poll_s)
   except KeyboardInterrupt:
-    # Runs with --nice live in their own sessions, out of reach of the terminal's Ctrl-C: stop them the way a
+    # Runs with --nice are detached (setsid), out of reach of the terminal's Ctrl-C: stop them the way a
     # preemption does (SIGTERM: train.py saves a checkpoint and exits 0), so the next call resumes them.
     for run, process in active.values():
       process.terminate()

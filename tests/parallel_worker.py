@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from concept_diffusion import parallel  # noqa: E402
+from concept_diffusion import parallel, states  # noqa: E402
 from concept_diffusion.checkpoint import StageCheckpoints  # noqa: E402
 from concept_diffusion.train import diffusion_stage, first_stage  # noqa: E402
 from configs import smoke  # noqa: E402
@@ -64,19 +64,23 @@ def steps(out):
   images = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (8, 16, 16, 3), minval=-1, maxval=1))
   rng = jax.random.PRNGKey(7)
   # Initial states computed once and placed onto each mesh: only the steps compile per mesh.
-  fs_init = jax.device_get(jax.jit(lambda k: first_stage.create_first_stage_state(config, k))(rng))
-  init = jax.device_get(jax.jit(lambda k: diffusion_stage.create_diffusion_state(config, k))(rng))
+  model, tx, lr_schedule = states.build_diffusion(config)
+  fs_init = jax.device_get(jax.jit(lambda k: states.create_first_stage_state(config, k))(rng))
+  init = jax.device_get(jax.jit(lambda k: states.create_state(model, tx, k))(rng))
   results = {}
   for shape in MESHES:
     mesh = mesh_of(shape)
     name = f"{shape[0]}x{shape[1]}"
     batch = jax.device_put(images, parallel.batch_sharding(mesh))
-    fs_state = jax.device_put(fs_init, first_stage.state_shardings(config, mesh))
+    fs_state = jax.device_put(fs_init, states.first_stage_state_shardings(config, mesh))
     fs_state, fs_metrics = first_stage.make_train_step(config, mesh)(fs_state, batch, rng)
     results.update(flat(fs_state, f"{name}/first_stage"))
     results[f"{name}/first_stage/loss"] = np.asarray(fs_metrics["total_loss"])
-    state = jax.device_put(init, diffusion_stage.state_shardings(config, mesh))
-    state, metrics = diffusion_stage.make_train_step(config, mesh)(state, batch, fs_state.ae_params, rng)
+    state = jax.device_put(init, states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
+    step_fn = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
+                                              fsdp_min_size=config.mesh.fsdp_min_size,
+                                              abstract_ae_params=model.abstract_ae_params())
+    state, metrics = step_fn(state, batch, fs_state.ae_params, rng)
     results.update(flat(state, f"{name}/diffusion"))
     results[f"{name}/diffusion/loss"] = np.asarray(metrics["loss"])
     results[f"{name}/specs"] = np.array(spec_report(state) + spec_report(fs_state) or [""])
@@ -88,15 +92,17 @@ def steps(out):
 def remesh(directory, out):
   config = sharded_config()
   rng = jax.random.PRNGKey(5)
-  state = diffusion_stage.create_sharded_state(config, rng, mesh_of((2, 4)))
+  model, tx, _ = states.build_diffusion(config)
+  state = diffusion_stage.create_sharded_state(model, tx, rng, mesh_of((2, 4)), config.mesh.fsdp_min_size)
   ckpts = StageCheckpoints(directory)
   ckpts.save(1, state, {"next_index": 1}, force=True)
   ckpts.wait()
   results = flat(state, "saved")
   results["saved/specs"] = np.array(spec_report(state))
-  abstract = diffusion_stage.abstract_state(config)
+  abstract = states.abstract_state(model, tx)
   for name, mesh in (("8x1", mesh_of((8, 1))), ("1x8", mesh_of((1, 8)))):
-    restored = ckpts.restore(parallel.with_shardings(abstract, diffusion_stage.state_shardings(config, mesh)))
+    restored = ckpts.restore(parallel.with_shardings(abstract, states.state_shardings(model, tx, mesh,
+                                                                                      config.mesh.fsdp_min_size)))
     results.update(flat(restored, name))
     results[f"{name}/specs"] = np.array(spec_report(restored) or [""])
     results[f"{name}/num_devices"] = np.array(num_devices(restored))

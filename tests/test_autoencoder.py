@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import procedural_shapes, smoke
+from concept_diffusion import states
 from concept_diffusion.models import autoencoder as ae
+from concept_diffusion.models.encdiff import build_model
 from concept_diffusion.train import first_stage
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_official_encode_decode_shapes():
 def vq_state():
   config = smoke.get_config()
   config.first_stage.disc_start = 5
-  return config, first_stage.create_first_stage_state(config, jax.random.PRNGKey(0))
+  return config, states.create_first_stage_state(config, jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def kl_state():
   config = smoke.get_config()
   config.first_stage.kind = "kl"
   config.first_stage.num_res_blocks = 0  # fewer layers: the KL tests are about the posterior and the loss
-  return config, first_stage.create_first_stage_state(config, jax.random.PRNGKey(0))
+  return config, states.create_first_stage_state(config, jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +123,12 @@ def test_smoke_encode_decode_shapes_helpers_and_straight_through(smoke_vq):
     y = model.apply({"params": params}, h, method=model.decode)
     return jnp.sum(y ** 2), (h, y)
 
+  encdiff = build_model(config)
+
   @jax.jit  # one compile for everything: compiling dominates the cost of these tests on CPU
   def run(params):
     grads, (h, y) = jax.grad(roundtrip, has_aux=True)(params)
-    helpers = (first_stage.first_stage_encode(config, params, x), first_stage.first_stage_decode(config, params, h))
+    helpers = (encdiff.latents(params, x), encdiff.decode(params, h))
     return h, y, helpers, model.apply({"params": params}, x), grads
 
   h, y, (fs_h, fs_y), (xrec, loss, info), grads = run(params)
@@ -204,11 +208,13 @@ def test_kl_variant_shapes_kl_and_sampling(kl_state):
   assert params["quant_conv"]["kernel"].shape == (1, 1, 6, 6)  # double_z: 2*z -> 2*embed
   assert params["encoder"]["conv_out"]["kernel"].shape[-1] == 6
 
+  encdiff = build_model(config)
+
   @jax.jit
   def run(params, x, rng):
     mean = model.apply({"params": params}, x, method=model.encode)
     sample = model.apply({"params": params}, x, rng, method=model.encode)
-    helpers = (first_stage.first_stage_encode(config, params, x), first_stage.first_stage_decode(config, params, mean))
+    helpers = (encdiff.latents(params, x), encdiff.decode(params, mean))
     return model.apply({"params": params}, x), mean, sample, helpers
 
   (xrec, kl, info), mean, sample, (fs_mean, fs_dec) = run(params, x, jax.random.PRNGKey(3))
@@ -226,17 +232,18 @@ def test_kind_none_is_identity():
   config.first_stage.kind = "none"
   assert ae.build_first_stage(config.first_stage, 3) is None
   x = _smoke_images(2)
-  assert first_stage.first_stage_encode(config, None, x) is x
-  assert first_stage.first_stage_decode(config, None, x) is x
+  encdiff = build_model(config)
+  assert encdiff.latents(None, x) is x
+  assert encdiff.decode(None, x) is x
   with pytest.raises(ValueError, match="none"):
-    first_stage.create_first_stage_state(config, jax.random.PRNGKey(0))
+    states.create_first_stage_state(config, jax.random.PRNGKey(0))
 
 
 def test_lpips_weights_path_raises_clear_error():
   config = smoke.get_config()
   config.first_stage.lpips_weights = "/some/where/vgg_lpips.pth"
   with pytest.raises(NotImplementedError, match="LPIPS"):
-    first_stage.create_first_stage_state(config, jax.random.PRNGKey(0))
+    states.create_first_stage_state(config, jax.random.PRNGKey(0))
   with pytest.raises(NotImplementedError, match="lpips_weights"):  # checked before the state is touched
     first_stage.first_stage_train_step(None, _smoke_images(), jax.random.PRNGKey(0), config)
 

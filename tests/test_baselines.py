@@ -3,20 +3,20 @@ import functools
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from concept_diffusion import data as data_lib
+from concept_diffusion import parallel
 from concept_diffusion.baselines import losses, trainer
 from concept_diffusion.baselines.vae import GaussianVAE
-from concept_diffusion.train.workdir import check_or_write_config, validate_config
+from concept_diffusion.config import validate_config
+from concept_diffusion.workdir import check_or_write_config
 from configs import baseline_tcvae, baseline_vae, smoke
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import aggregate  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import aggregate
 
 
 def _config(kind="beta_tcvae", num_steps=6):
@@ -90,8 +90,8 @@ def test_architecture_is_disentanglement_libs():
 def test_train_step_reduces_the_loss():
   config = _config()
   state = jax.jit(functools.partial(trainer.create_baseline_state, config))(jax.random.PRNGKey(0))
-  step = trainer.make_train_step(config)
-  images = jnp.asarray(trainer.run.load_dataset(config).images(np.arange(0, 60, 4)))[:8]
+  step = trainer.make_train_step(config, parallel.make_mesh(config.mesh))
+  images = jnp.asarray(data_lib.get_dataset(config.data).images(np.arange(0, 60, 4)))[:8]
   key = jax.random.PRNGKey(1)
   losses_seen = []
   for _ in range(15):

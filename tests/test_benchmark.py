@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from concept_diffusion import generate, parallel, perf, profiling
+from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.models.encdiff import EncDiff, build_model
+from concept_diffusion.tools import perf, profiling
 from concept_diffusion.train import diffusion_stage
-from concept_diffusion.train.workdir import computation_config
 from tests.conftest import REPO_ROOT
 
 
@@ -108,10 +109,17 @@ def _pixel_smoke(dtype="float32"):
   return config
 
 
+def _model_state_step(config, mesh):
+  """The model, its optimiser, a fresh state and the jitted train step, as the trainer builds them."""
+  model = build_model(config)
+  tx, step = diffusion_stage.step_for_config(config, model, mesh)
+  state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
+  return model, tx, state, step
+
+
 def _losses(config, num_steps):
   mesh = parallel.make_mesh(config.mesh)
-  step = diffusion_stage.make_train_step(config, mesh)
-  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  _, _, state, step = _model_state_step(config, mesh)
   images = jax.random.uniform(jax.random.PRNGKey(1), (config.train.batch_size, 16, 16, 3), minval=-1, maxval=1)
   losses = []
   for _ in range(num_steps):
@@ -123,8 +131,7 @@ def _losses(config, num_steps):
 def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
   config = _pixel_smoke()
   mesh = parallel.make_mesh(config.mesh)
-  step = diffusion_stage.make_train_step(config, mesh)
-  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  model, tx, state, step = _model_state_step(config, mesh)
   images = jax.random.uniform(jax.random.PRNGKey(1), (config.train.batch_size, 16, 16, 3), minval=-1, maxval=1)
   for _ in range(2):
     state, metrics = step(state, images, None, jax.random.PRNGKey(2))
@@ -134,8 +141,8 @@ def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
   ckpts.wait()
   # A resume restores onto the template train.py builds: the restored arrays must hit the same executable (a
   # changed sharding, dtype or weak type would silently compile the step again on every restart).
-  template = parallel.with_shardings(diffusion_stage.abstract_state(config),
-                                     diffusion_stage.state_shardings(config, mesh))
+  template = parallel.with_shardings(states.abstract_state(model, tx),
+                                     states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
   restored = ckpts.restore(template)
   ckpts.close()
   resumed, resumed_metrics = step(restored, images, None, jax.random.PRNGKey(2))
@@ -148,18 +155,17 @@ def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
 _CACHE_PROBE_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
-from concept_diffusion import cli
+from concept_diffusion.tools import cli
 cli.enable_compilation_cache({cache!r})
 import jax
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-from concept_diffusion import benchmark, parallel
-from concept_diffusion.train import diffusion_stage
+from concept_diffusion import parallel
+from concept_diffusion.tools import benchmark
 from tests import test_benchmark
 config = test_benchmark._pixel_smoke()
 mesh = parallel.make_mesh(config.mesh)
-state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+_, _, state, step = test_benchmark._model_state_step(config, mesh)
 images = jax.numpy.zeros((config.train.batch_size, 16, 16, 3))
-step = diffusion_stage.make_train_step(config, mesh)
 print("cache:", benchmark._CacheProbe().timed_compile(lambda: step.lower(state, images, None, jax.random.PRNGKey(0)))[-1])
 """
 
@@ -195,17 +201,19 @@ def test_bfloat16_step_runs_and_its_loss_is_close_to_float32():
 
 def test_ddim_sampler_is_one_compiled_loop():
   config = _pixel_smoke()
-  frozen = computation_config(config)
-  state = diffusion_stage.create_diffusion_state(config, jax.random.PRNGKey(0))
+  model = build_model(config)
+  state = states.create_state(model, states.make_optimizer(config.train, states.learning_rate_schedule(config.train)),
+                              jax.random.PRNGKey(0))
   tokens = jnp.zeros((2, config.encoder.num_tokens, config.encoder.token_dim))
-  lower = lambda steps: generate.sample_from_tokens.lower(frozen, state, None, tokens, jax.random.PRNGKey(1),
-                                                          steps=steps, eta=1.0).as_text()
+  lower = lambda steps: EncDiff.sample_jit.lower(model, state, None, tokens, jax.random.PRNGKey(1), steps=steps,
+                                                 eta=1.0).as_text()
   short, long = lower(3), lower(9)
   assert "stablehlo.while" in short  # the DDIM steps are one XLA loop ...
   assert abs(len(long) - len(short)) < 0.01 * len(short)  # ... not unrolled: 3x the steps, same program size
+  cached = EncDiff.sample_jit._cache_size()  # pylint: disable=protected-access  (shared with other tests' models)
   for _ in range(2):
-    generate.sample_from_tokens(frozen, state, None, tokens, jax.random.PRNGKey(1), steps=3, eta=1.0)
-  assert generate.sample_from_tokens._cache_size() == 1  # pylint: disable=protected-access
+    model.sample_jit(state, None, tokens, jax.random.PRNGKey(1), steps=3, eta=1.0)
+  assert EncDiff.sample_jit._cache_size() == cached + 1  # pylint: disable=protected-access
 
 
 def _run_cli(*args, env=None):

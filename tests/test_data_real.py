@@ -317,7 +317,7 @@ def test_configs_without_data_fail_at_start_with_one_message(config_module, tmp_
 
 
 def test_real_configs_pass_the_schema():
-  from concept_diffusion.train.workdir import validate_config  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.config import validate_config  # pylint: disable=g-import-not-at-top
   for module, name, channels in ((shapes3d_config, "shapes3d", 3), (mpi3d_config, "mpi3d_toy", 3),
                                  (cars3d_config, "cars3d", 3), (dsprites_config, "dsprites", 1)):
     config = module.get_config()

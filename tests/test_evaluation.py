@@ -72,7 +72,7 @@ def test_a_repeated_dataset_cannot_be_evaluated():
 
 
 def test_evaluate_cli_without_a_checkpoint_is_one_clear_line(tmp_path):
-  from concept_diffusion.train.workdir import check_or_write_config
+  from concept_diffusion.workdir import check_or_write_config
   from configs import smoke
   check_or_write_config(smoke.get_config(), str(tmp_path))
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--workdir={tmp_path}"],
@@ -89,7 +89,7 @@ def test_evaluate_cli_on_a_directory_that_is_not_a_workdir(tmp_path):
 
 def _shapes_workdir(tmp_path, step):
   """A smoke workdir whose step-`step` evaluation saved a code table with one clean dim per factor but the last."""
-  from concept_diffusion.train.workdir import check_or_write_config
+  from concept_diffusion.workdir import check_or_write_config
   from configs import smoke
   config = smoke.get_config()
   config.data.name = "procedural_shapes"
@@ -103,7 +103,7 @@ def _shapes_workdir(tmp_path, step):
 
 
 def test_eval_files_are_found_by_step_not_by_name_order(tmp_path):
-  from concept_diffusion.train.workdir import eval_path, eval_steps
+  from concept_diffusion.workdir import eval_path, eval_steps
   assert eval_steps(str(tmp_path), "metrics") == []  # no eval/ yet
   os.makedirs(tmp_path / "eval")
   for name in ("metrics_1200.json", "metrics_300.json", "metrics_300.json.tmp", "codes_300.npy", "metrics_x.json",

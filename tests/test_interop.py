@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_diffusion import defaults
+from concept_diffusion import config as config_lib
 from concept_diffusion.diffusion.schedule import make_beta_schedule
 from concept_diffusion.interop import official
 from configs import smoke
@@ -60,7 +60,7 @@ def _assert_same_state_dict(got: dict, want: dict):
 
 @pytest.fixture(scope="module")
 def official_setup():
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   layout = official.checkpoint_layout(config)
   return config, layout, _random_state_dict(layout, config)
 
@@ -247,8 +247,9 @@ def test_import_cli_writes_a_workdir_training_resumes(smoke_setup, tmp_path):
   """Import -> the workdir restores through the project's own templates -> export gives back the same tensors."""
   from concept_diffusion.checkpoint import StageCheckpoints
   from concept_diffusion.interop import export_official, import_official
-  from concept_diffusion.train import run
-  from concept_diffusion.train.writer import MetricWriter
+  from concept_diffusion import parallel
+  from concept_diffusion.train import trainer
+  from concept_diffusion.workdir import DIFFUSION_DIR, MetricWriter
   config, _, sd = smoke_setup
   src = str(tmp_path / "official.npz")
   official.save_state_dict(src, sd, STEP)
@@ -256,11 +257,11 @@ def test_import_cli_writes_a_workdir_training_resumes(smoke_setup, tmp_path):
   assert import_official.import_checkpoint(src, config, workdir) == STEP
   # Training sees a finished first stage (it restores instead of training) and a diffusion run at STEP.
   writer = MetricWriter(workdir, enabled=False)
-  first_stage_params = run._first_stage_params  # pylint: disable=protected-access
-  ae_params = first_stage_params(config, workdir, None, writer, jax.random.PRNGKey(0))
+  first_stage_params = trainer._first_stage_params  # pylint: disable=protected-access
+  ae_params = first_stage_params(config, workdir, None, writer, jax.random.PRNGKey(0), parallel.make_mesh(config.mesh))
   np.testing.assert_array_equal(np.asarray(ae_params["quantize"]["embedding"]),
                                 sd["first_stage_model.quantize.embedding.weight"])
-  ckpts = StageCheckpoints(os.path.join(workdir, run.DIFFUSION_DIR))
+  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR))
   assert ckpts.latest_step() == STEP
   ckpts.close()
   exported, step = export_official.export_workdir(workdir)
@@ -616,7 +617,7 @@ def test_parity_unet_blocks():
 def test_parity_encoder4_and_token_mlps():
   torch = pytest.importorskip("torch")
   from concept_diffusion.models.encoder import build_encoder
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   encoder = build_encoder(config.encoder)
   images = np.random.default_rng(4).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
   variables, sd = _params_and_torch(encoder, images, collections=("params", "batch_stats"), seed=5)
@@ -632,7 +633,7 @@ def test_parity_encoder4_and_token_mlps():
 def test_parity_vq_autoencoder():
   torch = pytest.importorskip("torch")
   from concept_diffusion.models import autoencoder
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   model = autoencoder.build_first_stage(config.first_stage, 3)
   rng = np.random.default_rng(6)
   images = rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)  # fully convolutional: 32x32 -> 8x8 latent

@@ -9,7 +9,7 @@ import pytest
 from configs import smoke
 from concept_diffusion.models import kernels
 from concept_diffusion.models.unet import build_unet
-from concept_diffusion.train.workdir import validate_config
+from concept_diffusion.config import validate_config
 
 
 @pytest.mark.parametrize("size,kernel,strides,padding", [

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_diffusion import defaults
+from concept_diffusion import config as config_lib
 from concept_diffusion.models.encoder import build_encoder
 from concept_diffusion.models.unet import build_unet
 from configs import smoke
@@ -15,7 +15,7 @@ def _count(tree):
 
 
 def test_official_unet_and_encoder_parameter_counts():
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   unet = build_unet(config.unet, 3)
   params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)),
                           jnp.zeros((1, 20, 16)))["params"]
@@ -30,7 +30,7 @@ def test_official_unet_and_encoder_parameter_counts():
 
 
 def test_official_unet_has_16_cross_attention_layers():
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   unet = build_unet(config.unet, 3)
   x, t, ctx = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 20, 16))
   params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), x, t, ctx)
@@ -130,7 +130,7 @@ def test_summary_cli_reports_the_official_counts():
   import subprocess
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "concept_diffusion.models.summary",
+  proc = subprocess.run([sys.executable, "-m", "concept_diffusion.tools.summary",
                          "--config=configs/procedural_shapes.py", "--json"], cwd=repo, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr

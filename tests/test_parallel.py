@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 
 from concept_diffusion import data as data_lib
-from concept_diffusion import parallel
+from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.data.pipeline import InputPipeline
 from concept_diffusion.train import diffusion_stage, loop
-from concept_diffusion.train.workdir import load_config
-from concept_diffusion.train.writer import MetricWriter
+from concept_diffusion.workdir import MetricWriter, load_config
 from configs import smoke
 from conftest import subprocess_env
 
@@ -71,7 +70,7 @@ def _train(config_path, workdir, env, *flags, timeout=900):
 def _final_state(workdir, step=None):
   config = load_config(workdir)
   ckpts = StageCheckpoints(os.path.join(workdir, "diffusion"))
-  state = ckpts.restore(diffusion_stage.abstract_state(config), step)
+  state = ckpts.restore(states.abstract_state(*states.build_diffusion(config)[:2]), step)
   data_state = ckpts.restore_data_state(step or ckpts.latest_step())
   ckpts.close()
   return jax.device_get(state), data_state
@@ -171,6 +170,18 @@ def _pixel_config():
   return config
 
 
+@pytest.fixture(scope="module")
+def pixel_step():
+  """(config, mesh, model, tx, jitted step) of the pixel config on tiny_blocks; the step compiles once per module."""
+  config = _pixel_config()
+  mesh = parallel.make_mesh(config.mesh)
+  model, tx, lr_schedule = states.build_diffusion(config)
+  step_fn = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
+                                            fsdp_min_size=config.mesh.fsdp_min_size,
+                                            abstract_ae_params=model.abstract_ae_params())
+  return config, mesh, model, tx, step_fn
+
+
 class _Batches:
   """Batches of one fixed image set; NaN images at the given (0-based) steps."""
 
@@ -187,12 +198,10 @@ class _Batches:
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_a_nan_is_never_applied_and_stops_or_is_counted(tmp_path, mode):
-  config = _pixel_config()
-  mesh = parallel.make_mesh(config.mesh)
+def test_a_nan_is_never_applied_and_stops_or_is_counted(tmp_path, mode, pixel_step):
+  config, mesh, model, tx, step_fn = pixel_step
   images = data_lib.get_dataset(config.data).images(np.arange(8))
-  step_fn = diffusion_stage.make_train_step(config, mesh)
-  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+  state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
   ckpts = StageCheckpoints(str(tmp_path / "diffusion"))
   writer = MetricWriter(str(tmp_path), enabled=True)
   kwargs = dict(stage="diffusion", num_steps=6, step_fn=lambda s, x, k: step_fn(s, x, None, k),
@@ -203,7 +212,7 @@ def test_a_nan_is_never_applied_and_stops_or_is_counted(tmp_path, mode):
       loop.run_loop(state=state, **kwargs)
     ckpts.wait()
     assert ckpts.all_steps() == [2]
-    saved = ckpts.restore(diffusion_stage.abstract_state(config))
+    saved = ckpts.restore(states.abstract_state(model, tx))
     assert int(saved.nonfinite_steps) == 0
   else:
     final = loop.run_loop(state=state, **kwargs)
@@ -216,11 +225,9 @@ def test_a_nan_is_never_applied_and_stops_or_is_counted(tmp_path, mode):
   ckpts.close()
 
 
-def test_a_nan_step_leaves_the_state_as_it_was():
-  config = _pixel_config()
-  mesh = parallel.make_mesh(config.mesh)
-  step_fn = diffusion_stage.make_train_step(config, mesh)
-  state = diffusion_stage.create_sharded_state(config, jax.random.PRNGKey(0), mesh)
+def test_a_nan_step_leaves_the_state_as_it_was(pixel_step):
+  config, mesh, model, tx, step_fn = pixel_step
+  state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
   before = jax.device_get(state)
   after, metrics = step_fn(state, jnp.full((8, 16, 16, 3), jnp.nan), None, jax.random.PRNGKey(1))
   after = jax.device_get(after)

@@ -7,8 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import reproduce  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import reproduce
 
 EXPECTED = {
     "encdiff_seed0": ("configs/repro_cpu.py", ["--config.seed=0"]),
@@ -226,8 +225,8 @@ class _SleeperRun:
     return ["nice", "-n", str(nice), sys.executable, "-c", _SLEEPER, os.path.join(root, self.name)]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sessions and autogroups are Linux's")
-def test_niced_runs_get_their_own_session_and_are_stopped_like_a_preemption_on_ctrl_c(tmp_path, monkeypatch):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setsid and autogroups are Linux's")
+def test_niced_runs_get_their_own_sid_and_are_stopped_like_a_preemption_on_ctrl_c(tmp_path, monkeypatch):
   import time
   run = _SleeperRun("sleeper")
   seen = tmp_path / "sleeper" / "seen.json"
@@ -246,6 +245,6 @@ def test_niced_runs_get_their_own_session_and_are_stopped_like_a_preemption_on_c
   monkeypatch.undo()
   assert (tmp_path / "sleeper" / "stopped").exists()  # SIGTERM reached it: train.py would save and exit 0
   info = json.loads(seen.read_text())
-  assert info["sid"] != os.getsid(0)  # its own session, so its own autogroup ...
+  assert info["sid"] != os.getsid(0)  # started with setsid: its own sid, so its own autogroup ...
   if info["autogroup"]:
     assert info["autogroup"].strip().endswith("nice 7")  # ... whose weight was lowered, not ours

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import concept_diffusion
+from concept_diffusion import data, states, visualize
 from concept_diffusion.checkpoint import StageCheckpoints
-from concept_diffusion.evaluation.evaluate import evaluate_run
-from concept_diffusion.train import run as run_lib
-from concept_diffusion.train.workdir import check_or_write_config, load_config, validate_config
+from concept_diffusion.config import validate_config
+from concept_diffusion.evaluation import evaluate
+from concept_diffusion.models.encdiff import build_model
+from concept_diffusion.train import trainer
+from concept_diffusion.workdir import check_or_write_config, load_config
 from configs import smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What experiments/train.py hands the trainer.
+HOOKS = trainer.Hooks(evaluate=evaluate.evaluation_hook, figures=visualize.figures_hook,
+                      format_scores=evaluate.format_table)
 
 
 def _config():
@@ -31,7 +38,7 @@ def _config():
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke_run"))
   config = _config()
-  state = run_lib.train(config, workdir)
+  state = trainer.train(config, workdir, HOOKS)
   return config, workdir, state
 
 
@@ -86,26 +93,26 @@ def test_training_evaluates_with_the_fast_subset_then_the_full_set(trained):
 
 def test_evaluate_an_earlier_checkpoint(trained):
   config, workdir, _ = trained
-  state = run_lib.restore_diffusion_state(config, workdir, step=2)
+  state = states.restore_diffusion_state(config, workdir, step=2)
   assert int(state.step) == 2
-  dataset = run_lib.load_dataset(config)
-  scores, _ = evaluate_run(config, state, dataset, workdir, 2, metrics=("mig",), progress=False)
+  dataset = data.get_dataset(config.data)
+  scores, _ = evaluate.evaluate_encdiff(config, build_model(config), state, dataset, workdir, 2, metrics=("mig",),
+                                        progress=False)
   with open(os.path.join(workdir, "eval", "metrics_2.json")) as f:
     assert json.load(f)["mig.discrete_mig"] == scores["mig.discrete_mig"]
   with pytest.raises(FileNotFoundError, match="available steps"):
-    run_lib.restore_diffusion_state(config, workdir, step=3)
+    states.restore_diffusion_state(config, workdir, step=3)
 
 
 def test_evaluate_cli_can_print_only_the_token_reliance(trained, capsys):
   # In this process: the test dataset (tiny_blocks) is registered here only.
   from absl import flags  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(REPO, "experiments"))
-  import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
+  from experiments import evaluate as evaluate_cli  # pylint: disable=g-import-not-at-top
   config, workdir, _ = trained
   before = sorted(os.listdir(os.path.join(workdir, "eval")))
   flags.FLAGS(["evaluate.py", f"--workdir={workdir}", "--metrics=token_reliance", "--step=2"])
   try:
-    evaluate_cli.main([])
+    evaluate_cli._main([])  # pylint: disable=protected-access
   finally:
     flags.FLAGS.unparse_flags()
   printed = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
@@ -116,13 +123,39 @@ def test_evaluate_cli_can_print_only_the_token_reliance(trained, capsys):
   assert sorted(os.listdir(os.path.join(workdir, "eval"))) == before  # nothing written
 
 
+def test_load_run_gives_a_notebook_the_trained_model(trained):
+  config, workdir, state = trained
+  run = concept_diffusion.load_run(workdir)
+  assert run.step == config.train.num_steps and run.config.to_dict() == config.to_dict()
+  images = run.dataset.images(np.arange(8))
+  # The same scalars the final evaluation wrote to its code table.
+  codes = np.load(os.path.join(workdir, "eval", f"codes_{config.train.num_steps}.npy"))
+  np.testing.assert_allclose(run.encode(images), codes[:8], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(run.variables.ema_unet["out_2"]["kernel"]),
+                                np.asarray(state.ema_unet["out_2"]["kernel"]))
+  # A swap from identical images, and a traversal through the image's own value, are its reconstruction.
+  own = run.reconstruct(images[:2], steps=3)
+  np.testing.assert_array_equal(run.swap(images[:2], images[:2], token=[0, 2], steps=3), own)
+  value = run.encode(images[:1])[0, 1]
+  np.testing.assert_allclose(run.traverse(images[0], token=1, values=[value], steps=3),
+                             run.reconstruct(images[:1], steps=3), atol=1e-6)
+  swapped = run.swap(images[:2], images[2:4], token=1, steps=3)
+  assert swapped.shape == own.shape and np.abs(swapped - own).max() > 0
+  recon, maps = run.attention_maps(images[:2], steps=3)
+  side = run.model.attention_sides()[0]
+  assert maps.shape == (2, side, side, config.encoder.num_tokens) and recon.shape == images[:2].shape
+  np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+  with pytest.raises(ValueError, match="no cross-attention layers at side 3"):
+    run.attention_maps(images[:2], side=3, steps=3)
+
+
 def test_zero_steps_evaluates_the_untrained_model(tmp_path):
   """train.num_steps=0 scores the initialisation: the reference row of experiments/reproduce.py."""
   config = _config()
   config.stages, config.first_stage.kind = ("diffusion",), "none"
   config.train.num_steps, config.sample.final_figures = 0, False
   config.eval.metrics = ("mig",)
-  state = run_lib.train(config, str(tmp_path))
+  state = trainer.train(config, str(tmp_path), HOOKS)
   assert int(state.step) == 0
   with open(tmp_path / "eval" / "metrics_0.json") as f:
     scores = json.load(f)
@@ -147,12 +180,12 @@ def test_state_holds_scale_factor_ema_and_batch_stats(trained):
 def test_rerun_skips_finished_stages_and_extends_an_unfinished_one(trained):
   config, workdir, state = trained
   before = len(_records(workdir))
-  again = run_lib.train(config, workdir)
+  again = trainer.train(config, workdir, HOOKS)
   assert len(_records(workdir)) == before  # nothing retrained
   np.testing.assert_array_equal(np.asarray(again.scale_factor), np.asarray(state.scale_factor))
   longer = _config()
   longer.train.num_steps = config.train.num_steps + 2  # num_steps may change between invocations
-  extended = run_lib.train(longer, workdir)
+  extended = trainer.train(longer, workdir, HOOKS)
   assert int(extended.step) == config.train.num_steps + 2
   new = _records(workdir)[before:]
   assert [r["stage"] for r in new] == ["diffusion", "eval", "figures"]
@@ -176,20 +209,45 @@ def test_bad_timestep_sampling_is_named():
     validate_config(config)
 
 
+def _console_script(name):
+  return os.path.join(os.path.dirname(sys.executable), name)
+
+
 def test_unknown_override_on_the_command_line_is_one_clear_line(tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config=configs/smoke.py",
-                         f"--workdir={tmp_path}", "--config.train.bach_size=3"], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 2
+  # The installed console script, from a directory outside the repository, with the config given by name.
+  proc = subprocess.run([_console_script("encdiff-train"), "--config=smoke", f"--workdir={tmp_path / 'w'}",
+                         "--config.train.bach_size=3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: unknown config field" in proc.stderr and "batch_size" in proc.stderr
   assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "w")  # refused before anything was written
+
+
+def test_an_unknown_config_name_lists_the_packaged_configs(tmp_path):
+  proc = subprocess.run([_console_script("encdiff-train"), "--config=smok", f"--workdir={tmp_path / 'w'}"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "--config=smok" in proc.stderr and "quickstart" in proc.stderr and "smoke" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_config_names_resolve_to_packaged_files_and_paths_pass_through(tmp_path):
+  from concept_diffusion.tools import cli  # pylint: disable=g-import-not-at-top
+  resolved = cli.resolve_config_names(["prog", "--config=smoke", "--config.seed=3", "--other=smoke"])
+  assert resolved[1] == f"--config={os.path.join(cli.packaged_configs_dir(), 'smoke.py')}"
+  assert os.path.isfile(resolved[1].split("=", 1)[1]) and resolved[2:] == ["--config.seed=3", "--other=smoke"]
+  assert cli.resolve_config_names(["prog", "--config", "smoke"])[2].endswith(os.path.join("configs", "smoke.py"))
+  here = tmp_path / "mine.py"
+  here.write_text("")
+  for value in ("configs/smoke.py", str(here), "configs/smoke.py:arg"):
+    assert cli.resolve_config_names(["prog", f"--config={value}"])[1] == f"--config={value}"
 
 
 def test_wrong_image_shape_is_rejected():
   config = smoke.get_config()
   config.data.channels = 1
   with pytest.raises(ValueError, match="channels"):
-    run_lib.load_dataset(config)
+    data.get_dataset(config.data)
 
 
 def test_workdir_with_a_different_config_is_refused(tmp_path):
@@ -207,4 +265,4 @@ def test_missing_first_stage_checkpoint_is_explained(tmp_path):
   config = smoke.get_config()
   config.stages = ("diffusion",)
   with pytest.raises(FileNotFoundError, match="first-stage checkpoint"):
-    run_lib.train(config, str(tmp_path))
+    trainer.train(config, str(tmp_path), HOOKS)

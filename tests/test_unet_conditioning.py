@@ -1,15 +1,21 @@
 """The UNet's AdaGN conditioning (paper Table 3 ablation) beside the default cross-attention one."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from concept_diffusion import generate
+from concept_diffusion import parallel
+from concept_diffusion.models.encdiff import build_model
 from concept_diffusion.models.unet import build_unet
 from concept_diffusion.train import diffusion_stage
-from concept_diffusion.train.workdir import computation_config
 from configs import smoke
+
+
+def _model_state_step(config):
+  """The model, a fresh state and the jitted train step, as the trainer builds them."""
+  model, mesh = build_model(config), parallel.make_mesh(config.mesh)
+  tx, step = diffusion_stage.step_for_config(config, model, mesh)
+  state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
+  return model, state, step
 
 
 def _names(params):
@@ -67,14 +73,13 @@ def test_adagn_goes_through_the_unchanged_train_step_and_sampler():
   config = _one_level(smoke.get_config())
   config.first_stage.kind = "none"  # pixel space: 16x16x3, no autoencoder
   config.unet.conditioning = "adagn"
-  state = jax.jit(functools.partial(diffusion_stage.create_diffusion_state, config))(jax.random.PRNGKey(0))
+  model, state, step = _model_state_step(config)
   images = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
-  state, metrics = diffusion_stage.make_train_step(config)(state, images, None, jax.random.PRNGKey(2))
+  state, metrics = step(state, images, None, jax.random.PRNGKey(2))
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
   assert "cond_emb_layers_1" in state.params["unet"]["middle_block_0"]
-  frozen = computation_config(config)
-  _, tokens = generate.encode(frozen, state, images)
-  samples = generate.sample_from_tokens(frozen, state, None, tokens, jax.random.PRNGKey(3), steps=2, eta=1.0)
+  _, tokens = model.encode_with_tokens(state, images)
+  samples = model.sample_jit(state, None, tokens, jax.random.PRNGKey(3), steps=2, eta=1.0)
   assert samples.shape == images.shape and bool(jnp.all(jnp.isfinite(samples)))
 
 
@@ -85,13 +90,13 @@ def test_without_diffusion_ablation_decodes_the_tokens_in_one_pass():
   config.first_stage.kind = "none"
   config.diffusion.objective = "one_shot"
   config.diffusion.loss = "l2"
-  state = jax.jit(functools.partial(diffusion_stage.create_diffusion_state, config))(jax.random.PRNGKey(0))
+  model, state, step = _model_state_step(config)
   learned = np.asarray(state.params["unet"]["learned_input"])
   assert learned.shape == (1, 16, 16, 3) and 0.5 < float(np.std(learned)) < 1.5
   images = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3), minval=-1, maxval=1)
   # A fresh UNet outputs exactly 0 (zero-initialised output conv): the first loss is mean(images^2), whatever
   # the noise or timestep keys (there are none in this objective).
-  step = diffusion_stage.make_train_step(config)  # donates the state it is given: step a copy first
+  # The step donates the state it is given: step a copy first.
   _, metrics_other_key = step(jax.tree_util.tree_map(jnp.copy, state), images, None, jax.random.PRNGKey(9))
   after, metrics = step(state, images, None, jax.random.PRNGKey(2))
   np.testing.assert_allclose(float(metrics["loss"]), float(jnp.mean(images ** 2)), rtol=1e-5)
@@ -99,9 +104,8 @@ def test_without_diffusion_ablation_decodes_the_tokens_in_one_pass():
   np.testing.assert_array_equal(after.params["unet"]["learned_input"], learned)  # zero output conv: no grad yet
   for _ in range(3):
     after, metrics = step(after, images, None, jax.random.PRNGKey(2))
-  frozen = computation_config(config)
-  _, tokens = generate.encode(frozen, after, images)
-  sample = lambda key: generate.sample_from_tokens(frozen, after, None, tokens, key, steps=50, eta=1.0)
+  _, tokens = model.encode_with_tokens(after, images)
+  sample = lambda key: model.sample_jit(after, None, tokens, key, steps=50, eta=1.0)
   one, other = sample(jax.random.PRNGKey(3)), sample(jax.random.PRNGKey(4))
   np.testing.assert_array_equal(one, other)  # no noise anywhere: the decode depends on the tokens only
   unet = build_unet(config.unet, 3, learned_input=True)

@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_diffusion import generate, visualize
-from concept_diffusion.train import diffusion_stage
-from concept_diffusion.train.workdir import computation_config
+from concept_diffusion import visualize
+from concept_diffusion.models.encdiff import EncDiffVariables, build_model
 from configs import smoke
 
 
@@ -14,53 +13,52 @@ from configs import smoke
 def model():
   config = smoke.get_config()
   config.first_stage.kind = "none"  # pixel space: no autoencoder to build
-  frozen = computation_config(config)
-  state = jax.jit(lambda k: diffusion_stage.create_diffusion_state(frozen, k))(jax.random.PRNGKey(0))
+  encdiff = build_model(config)
+  variables = jax.jit(encdiff.init)(jax.random.PRNGKey(0))
   # A fresh UNet's zero-initialised output layers ignore the tokens; perturb so the tokens matter.
-  leaves, treedef = jax.tree_util.tree_flatten(state.params["unet"])
+  leaves, treedef = jax.tree_util.tree_flatten(variables["params"]["unet"])
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   unet = treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  state = state.replace(ema_unet=unet)
+  state = EncDiffVariables(variables["params"], variables["batch_stats"], unet, jnp.ones(()))
   images = jax.random.uniform(jax.random.PRNGKey(2), (6, 16, 16, 3), minval=-1, maxval=1)
-  return frozen, state, images
+  return encdiff, state, images
 
 
 def test_swapping_in_the_own_token_reproduces_the_unswapped_sample_exactly(model):
-  frozen, state, images = model
-  grid = generate.swap_grid(frozen, state, None, images[:3], images[:3], jax.random.PRNGKey(3), steps=4, eta=1.0)
-  assert grid.shape == (frozen.encoder.num_tokens + 1, 3, 16, 16, 3)
+  encdiff, state, images = model
+  grid = encdiff.swap_grid(state, None, images[:3], images[:3], jax.random.PRNGKey(3), steps=4, eta=1.0)
+  assert grid.shape == (encdiff.num_tokens + 1, 3, 16, 16, 3)
   for row in grid[1:]:
     np.testing.assert_array_equal(np.asarray(row), np.asarray(grid[0]))
-  other = generate.swap_grid(frozen, state, None, images[:3], images[3:], jax.random.PRNGKey(3), steps=4, eta=1.0)
+  other = encdiff.swap_grid(state, None, images[:3], images[3:], jax.random.PRNGKey(3), steps=4, eta=1.0)
   np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(grid[0]))  # row 0 never swaps
   changed = [float(jnp.abs(r - other[0]).max()) for r in other[1:]]
   assert max(changed) > 1e-5  # a swapped token changes the sample
 
 
 def test_attention_maps_are_distributions_and_capturing_them_changes_nothing(model):
-  frozen, state, images = model
-  _, tokens = generate.encode(frozen, state, images[:2])
-  side = generate.attention_sides(frozen)[0]
-  assert generate.attention_sides(frozen) == (16, 8)
-  samples, maps = generate.sample_with_attention(frozen, state, None, tokens, jax.random.PRNGKey(4), steps=4,
-                                                 eta=1.0, side=side)
-  assert maps.shape == (2, 16, 16, frozen.encoder.num_tokens)
+  encdiff, state, images = model
+  _, tokens = encdiff.encode_with_tokens(state, images[:2])
+  side = encdiff.attention_sides()[0]
+  assert encdiff.attention_sides() == (16, 8)
+  samples, maps = encdiff.sample_jit(state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0,
+                                     attention_side=side)
+  assert maps.shape == (2, 16, 16, encdiff.num_tokens)
   np.testing.assert_allclose(np.asarray(maps.sum(-1)), 1.0, atol=1e-5)
-  plain = generate.sample_from_tokens(frozen, state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0)
+  plain = encdiff.sample_jit(state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0)
   # Without capture the UNet uses fused attention (jax.nn.dot_product_attention), with capture the explicit
   # softmax it must read the probabilities from: the same samples up to fp32 round-off.
   np.testing.assert_allclose(np.asarray(samples), np.asarray(plain), atol=1e-5)
-  _, coarse = generate.sample_with_attention(frozen, state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0,
-                                             side=8)
-  assert coarse.shape == (2, 8, 8, frozen.encoder.num_tokens)
+  _, coarse = encdiff.sample_jit(state, None, tokens, jax.random.PRNGKey(4), steps=4, eta=1.0, attention_side=8)
+  assert coarse.shape == (2, 8, 8, encdiff.num_tokens)
 
 
 def test_traversal_changes_only_through_the_traversed_token(model):
-  frozen, state, images = model
-  n = frozen.encoder.num_tokens
-  src, _ = generate.encode(frozen, state, images[:1])
+  encdiff, state, images = model
+  n = encdiff.num_tokens
+  src = encdiff.encode(state, images[:1])
   values = jnp.tile(src.T, (1, 3))  # every value = the image's own scalar: all cells equal
-  grid = generate.traversal_grid(frozen, state, None, images[0], values, jax.random.PRNGKey(5), steps=3, eta=0.0)
+  grid = encdiff.traversal_grid(state, None, images[0], values, jax.random.PRNGKey(5), steps=3, eta=0.0)
   assert grid.shape == (n, 3, 16, 16, 3)
   np.testing.assert_allclose(np.asarray(grid), np.asarray(jnp.broadcast_to(grid[0, 0], grid.shape)), atol=1e-5)
 

@@ -16,7 +16,6 @@ import sys
 from typing import Optional
 
 from absl import app, flags, logging
-import ml_collections
 
 from concept_diffusion.checkpoint import restore_checkpoint
 from concept_diffusion.interop import official

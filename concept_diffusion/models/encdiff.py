@@ -209,9 +209,22 @@ class EncDiff:
     return decode(latents), maps.reshape(batch, attention_side, attention_side, n)
 
   def attention_sides(self) -> tuple[int, ...]:
-    """Query-grid sides that have cross-attention layers, finest first."""
+    """Query-grid sides that have cross-attention layers, finest first (none when the conditioning keeps the
+    tokens out of the attention layers, e.g. AdaGN)."""
+    if not self.has_cross_attention():
+      return ()
     side, levels = self.latent_shape[0], len(self.unet.channel_mult)
     return tuple(side // ds for ds in sorted(self.unet.attention_resolutions) if ds < 2 ** levels)
+
+  @functools.lru_cache(maxsize=None)
+  def has_cross_attention(self) -> bool:
+    """Whether the UNet records any cross-attention probabilities (abstract evaluation: no compute)."""
+    x, t = jax.ShapeDtypeStruct((1,) + self.latent_shape, jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, self.num_tokens, self.token_dim), jnp.float32)
+    _, inter = jax.eval_shape(lambda x, t, c: self.unet.init_with_output(jax.random.PRNGKey(0), x, t, c,
+                                                                          mutable=["params", "intermediates"]),
+                              x, t, tokens)
+    return bool(jax.tree_util.tree_leaves(inter.get("intermediates", {})))
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "eta", "use_ema", "attention_side"))
   def sample_jit(self, v, ae_params, tokens, rng, *, steps: int, eta: float, attention_side: Optional[int] = None,

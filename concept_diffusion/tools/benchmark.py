@@ -20,7 +20,7 @@ from concept_diffusion import data as data_lib
 from concept_diffusion import parallel, states
 from concept_diffusion.config import validate_config
 from concept_diffusion.evaluation.encode import make_encode_step
-from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
+from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model
 from concept_diffusion.tools import perf, profiling
 from concept_diffusion.train import diffusion_stage, first_stage, trainer
 
@@ -126,7 +126,7 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
   """Every measurement at one global batch size (MFU is filled in by `run_benchmark`, which knows the peak)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.batch_size = config.first_stage.batch_size = config.eval.batch_size = batch_size
-  model, tx, lr_schedule = states.build_diffusion(config)
+  model = build_model(config)
   key = jax.device_put(jax.random.PRNGKey(0), parallel.replicated(mesh))
   batches = make_batches(config, dataset, batch_size, mesh)
   images = batches.batch_at(0)
@@ -135,11 +135,8 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
     result.update(_first_stage_compile(config, mesh, images, key, probe))
 
   ae_params = random_ae_params(model, mesh, config.mesh.fsdp_min_size)
+  tx, step = diffusion_stage.step_for_config(config, model, mesh)
   state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
-  parallel.check_batch_size(batch_size, mesh)
-  step = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
-                                         fsdp_min_size=config.mesh.fsdp_min_size,
-                                         abstract_ae_params=model.abstract_ae_params())
   compiled, lower_s, xla_s, cache = probe.timed_compile(lambda: step.lower(state, images, ae_params, key))
   call = lambda s: compiled(s, images, ae_params, key)
   for _ in range(warmup):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from concept_diffusion import parallel
+from concept_diffusion import parallel, states
 from concept_diffusion.models.encdiff import EncDiff
 from concept_diffusion.states import DiffusionState, create_state, state_shardings
 from concept_diffusion.train import jit_step
@@ -57,6 +57,15 @@ def make_train_step(model: EncDiff, tx: optax.GradientTransformation, lr_schedul
   step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule, max_ema_decay=max_ema_decay)
   return jit_step.jit_train_step(step, mesh, state_shardings(model, tx, mesh, fsdp_min_size),
                                  (parallel.state_shardings(abstract_ae_params, mesh, fsdp_min_size),))
+
+
+def step_for_config(config, model: EncDiff, mesh: Mesh) -> tuple[optax.GradientTransformation, Callable]:
+  """(optimiser, jitted step) for `model` as the config's train section and mesh ask; what the trainer runs."""
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  lr_schedule = states.learning_rate_schedule(config.train)
+  tx = states.make_optimizer(config.train, lr_schedule)
+  return tx, make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
+                             fsdp_min_size=config.mesh.fsdp_min_size, abstract_ae_params=model.abstract_ae_params())
 
 
 def compute_scale_factor(model: EncDiff, ae_params: Any, images: jax.Array) -> jax.Array:

@@ -101,8 +101,7 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
                      rng: jax.Array, mesh: Mesh, hooks: Hooks) -> tuple[states.DiffusionState, bool]:
   """The trained (or resumed, or restored) state, and whether any step ran in this call."""
   tc = config.train
-  lr_schedule = states.learning_rate_schedule(tc)
-  tx = states.make_optimizer(tc, lr_schedule)
+  tx, train_step = diffusion_stage.step_for_config(config, model, mesh)
   ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints,
                            async_save=tc.async_checkpoints)
   shardings = states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size)
@@ -134,10 +133,6 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
         writer.scalars(step, {**out, **writer.progress("diffusion", step)}, "eval")
     return parallel.on_main_host(run, mesh)
 
-  parallel.check_batch_size(tc.batch_size, mesh)
-  train_step = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=tc.ema_decay,
-                                               fsdp_min_size=config.mesh.fsdp_min_size,
-                                               abstract_ae_params=model.abstract_ae_params())
   state = run_loop(stage="diffusion", state=state, num_steps=tc.num_steps,
                    step_fn=lambda s, images, key: train_step(s, images, ae_params, key), batches=pipeline,
                    rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer, log_every=tc.log_every,
