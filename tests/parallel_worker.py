@@ -64,7 +64,7 @@ def steps(out):
   images = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (8, 16, 16, 3), minval=-1, maxval=1))
   rng = jax.random.PRNGKey(7)
   # Initial states computed once and placed onto each mesh: only the steps compile per mesh.
-  model, tx, lr_schedule = states.build_diffusion(config)
+  model, tx, _ = states.build_diffusion(config)
   fs_init = jax.device_get(jax.jit(lambda k: states.create_first_stage_state(config, k))(rng))
   init = jax.device_get(jax.jit(lambda k: states.create_state(model, tx, k))(rng))
   results = {}
@@ -77,10 +77,7 @@ def steps(out):
     results.update(flat(fs_state, f"{name}/first_stage"))
     results[f"{name}/first_stage/loss"] = np.asarray(fs_metrics["total_loss"])
     state = jax.device_put(init, states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
-    step_fn = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
-                                              fsdp_min_size=config.mesh.fsdp_min_size,
-                                              abstract_ae_params=model.abstract_ae_params())
-    state, metrics = step_fn(state, batch, fs_state.ae_params, rng)
+    state, metrics = diffusion_stage.step_for_config(config, model, mesh)[1](state, batch, fs_state.ae_params, rng)
     results.update(flat(state, f"{name}/diffusion"))
     results[f"{name}/diffusion/loss"] = np.asarray(metrics["loss"])
     results[f"{name}/specs"] = np.array(spec_report(state) + spec_report(fs_state) or [""])

@@ -21,6 +21,7 @@ from concept_diffusion import data as data_lib
 from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.data.pipeline import InputPipeline
+from concept_diffusion.models.encdiff import build_model
 from concept_diffusion.train import diffusion_stage, loop
 from concept_diffusion.workdir import MetricWriter, load_config
 from configs import smoke
@@ -175,10 +176,8 @@ def pixel_step():
   """(config, mesh, model, tx, jitted step) of the pixel config on tiny_blocks; the step compiles once per module."""
   config = _pixel_config()
   mesh = parallel.make_mesh(config.mesh)
-  model, tx, lr_schedule = states.build_diffusion(config)
-  step_fn = diffusion_stage.make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
-                                            fsdp_min_size=config.mesh.fsdp_min_size,
-                                            abstract_ae_params=model.abstract_ae_params())
+  model = build_model(config)
+  tx, step_fn = diffusion_stage.step_for_config(config, model, mesh)
   return config, mesh, model, tx, step_fn
 
 
