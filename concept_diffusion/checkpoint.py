@@ -5,14 +5,62 @@ statistics, step) and `data` (the input pipeline's iterator state, JSON). The RN
 so the step restores it. Saves are asynchronous by default (training continues while the arrays are written;
 every process writes its own shards) and atomic: Orbax writes into a temporary directory and renames it when
 complete, so a crash during a save leaves the previous checkpoint as the latest one.
+
+A checkpoint can still be damaged afterwards (a disk error, a file truncated or deleted by hand). Restoring the
+latest checkpoint then falls back to the newest one that reads, with a warning per unreadable step; a writing
+manager also renames each unreadable newer step to `<step>.unreadable`, so that training can save that step again.
+Nothing is ever deleted because it failed to read.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+
+class CheckpointError(ValueError):
+  """No usable checkpoint where one was asked for (a ValueError, so the command line prints it as one line)."""
+
+
+def _first_line(error: BaseException) -> str:
+  """`Type: first line` of an error, short enough for a one-line report."""
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)  # KeyError quotes itself
+  text = (text.strip().splitlines() or [""])[0]
+  text = text.split(" [tensorstore_spec=")[0]  # TensorStore appends its whole JSON spec to the line
+  if len(text) > 300:
+    text = text[:297] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _quiet_late_reads() -> None:
+  """Keeps the late reads of a checkpoint that failed to read from printing tracebacks.
+
+  When one array of a checkpoint fails to read, Orbax's event loop ends with that error and closes while
+  TensorStore still completes the checkpoint's other reads; each of their callbacks then meets the closed loop,
+  and Python prints it as 'Exception ignored ... RuntimeError: Event loop is closed' on stderr, at random, after
+  the one-line report. Those reads are abandoned anyway, so such errors are dropped (installed once, from the
+  first failed read on; every other unraisable error still goes to the hook before).
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "quiet_late_reads", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiet_late_reads = True
+  sys.unraisablehook = hook
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(message, file=sys.stderr)  # tqdm.write keeps any progress bar intact
 
 
 def _abstract(leaf: Any) -> Any:
@@ -27,13 +75,25 @@ def _abstract(leaf: Any) -> Any:
 
 
 class StageCheckpoints:
-  """Saves and restores one stage's train state (and the data-iterator state); keeps the last `keep` steps."""
+  """Saves and restores one stage's train state (and the data-iterator state); keeps the last `keep` steps.
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  With `create=False` the manager is a reader: it creates no directory, leaves Orbax's temporary directories (a
+  save in progress by another process) alone, and leaves an unreadable checkpoint where it is.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, create: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    self._writes = create
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=create)
     self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+    self._closed = False
+
+  def __enter__(self) -> StageCheckpoints:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -48,18 +108,19 @@ class StageCheckpoints:
       items["data"] = ocp.args.JsonSave(data_state)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, template: Any, step: int | None = None) -> Any:
+  def restore(self, template: Any, step: int | None = None, what: str = "") -> Any:
     """The state at `step` (default latest) onto the structure, dtypes and shardings of `template`.
 
     `template` is a concrete state or one of ShapeDtypeStructs; leaves that carry a sharding are restored
     onto it (which may be another mesh than the one that saved them), others onto the first device.
+    Without `step`, an unreadable checkpoint gives way to the one before it (see the module docstring); a
+    requested `step` that does not read raises CheckpointError. `what` names the stage in messages.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     abstract = jax.tree_util.tree_map(_abstract, template)
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored.state
+    read = functools.partial(self._read_state, abstract)
+    if step is None:
+      return self._newest_readable(read, what)[1]
+    return self._read_requested(read, step, what)
 
   def restore_data_state(self, step: int) -> dict | None:
     """The input pipeline's state saved with `step` (None for checkpoints written without one, e.g. imports)."""
@@ -68,16 +129,23 @@ class StageCheckpoints:
     return dict(self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
 
   def resume(self, template: Any, pipeline: Any, stage: str) -> Any:
-    """The latest state, with the input pipeline (`get_state`/`set_state`) moved to the batch that comes next."""
-    state = self.restore(template)
-    step = int(jax.device_get(state.step))
-    data_state = self.restore_data_state(self.latest_step())
-    if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
-      data_state = {"next_index": step}
-    if int(data_state.get("next_index", -1)) != step:
-      raise ValueError(f"{stage}: the checkpoint at step {step} in {self.directory} holds an input-pipeline state "
-                       f"{data_state} that does not match its step; the checkpoint is damaged. Delete that step's "
-                       "directory to resume from the one before.")
+    """The latest readable state, with the input pipeline (`get_state`/`set_state`) moved to the batch after it.
+
+    A checkpoint whose input-pipeline state does not match its step counts as unreadable.
+    """
+    abstract = jax.tree_util.tree_map(_abstract, template)
+
+    def read(step: int) -> tuple[Any, dict]:
+      state = self._read_state(abstract, step)
+      state_step = int(jax.device_get(state.step))
+      data_state = self.restore_data_state(step)
+      if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
+        data_state = {"next_index": state_step}
+      if int(data_state.get("next_index", -1)) != state_step:
+        raise ValueError(f"its input-pipeline state {data_state} does not match its step {state_step}")
+      return state, data_state
+
+    _, (state, data_state) = self._newest_readable(read, stage)
     pipeline.set_state(data_state)
     return state
 
@@ -85,22 +153,98 @@ class StageCheckpoints:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
     self._manager.wait_until_finished()
     self._manager.close()
 
+  def _read_state(self, abstract: Any, step: int) -> Any:
+    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+
+  def _step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _read_requested(self, read: Callable[[int], Any], step: int, what: str) -> Any:
+    """`read(step)`, or one error naming the step and the others there (a requested step has no fallback)."""
+    prefix = f"{what}: " if what else ""
+    steps = self.all_steps()
+    if step not in steps:
+      raise FileNotFoundError(f"{prefix}No checkpoint at step {step} in {self.directory}; available steps: {steps}.")
+    try:
+      return read(step)
+    except Exception as e:  # pylint: disable=broad-except
+      _quiet_late_reads()
+      others = [s for s in steps if s != step]
+      raise CheckpointError(f"{prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {_first_line(e)}. "
+                            f"Other steps in {self.directory}: {others or 'none'}.") from e
+
+  def _newest_readable(self, read: Callable[[int], Any], what: str) -> tuple[int, Any]:
+    """(step, read(step)) for the newest step that reads; those newer than it are reported and moved aside."""
+    prefix = f"{what}: " if what else ""
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        value = read(step)
+      except Exception as e:  # pylint: disable=broad-except  # whatever the damage, the step before may be whole
+        _quiet_late_reads()
+        failed.append((step, _first_line(e)))
+        continue
+      self._fall_back(failed, step, prefix)
+      return step, value
+    if not failed:
+      raise FileNotFoundError(f"{prefix}No checkpoint in {self.directory}.")
+    tried = "; ".join(f"step {step}: {line}" for step, line in failed)
+    raise CheckpointError(
+        f"{prefix}no checkpoint in {self.directory} can be read (tried {tried}). Nothing was deleted. If the config "
+        f"changed since they were written, use the one they were written with; to start over, move {self.directory} "
+        "aside or use a new --workdir.")
+
+  def _fall_back(self, failed: list[tuple[int, str]], good: int, prefix: str) -> None:
+    """Warns about each unreadable step newer than `good`; a writer renames them so those steps can be saved again.
+
+    Left in place, an unreadable step would stop the save of the same step number later in the run (Orbax
+    refuses an existing step) and count against `keep`, so that the good checkpoints would be deleted first.
+    """
+    if not failed:
+      return
+    moved = {}
+    if self._writes:
+      if jax.process_index() == 0:
+        moved = {step: self._move_aside(step) for step, _ in failed}
+      if jax.process_count() > 1:  # every process must see the renames before its manager lists the steps again
+        ocp.multihost.sync_global_processes("concept_diffusion_checkpoint_fallback")
+      self._manager.reload()
+    for step, line in failed:
+      fate = (f"moved it to {moved[step]} so that step {step} can be saved again" if step in moved
+              else "left it in place")
+      _say(f"warning: {prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {line}; {fate}. "
+           f"Using step {good}, the newest readable one.")
+
+  def _move_aside(self, step: int) -> str:
+    path = self._step_path(step)
+    target, n = f"{path}.unreadable", 0
+    while os.path.exists(target):
+      n += 1
+      target = f"{path}.unreadable-{n}"
+    os.rename(path, target)
+    return target
+
 
 def restore_checkpoint(directory: str, template: Any, step: int | None = None, what: str = "") -> Any:
-  """The state at `step` (default latest) in a stage directory, with one clear error when it is not there."""
+  """The state at `step` (default latest) in a stage directory, with one clear error when it is not there.
+
+  Only reads: a missing or empty directory stays as it is, and an unreadable latest checkpoint is left in place.
+  """
   label = f"{what} checkpoint" if what else "checkpoint"
-  ckpts = StageCheckpoints(directory) if os.path.isdir(directory) else None
+  ckpts = StageCheckpoints(directory, create=False)
   try:
-    steps = ckpts.all_steps() if ckpts else []
+    steps = ckpts.all_steps()
     if not steps:
       raise FileNotFoundError(f"No {label} in {directory}: train the run first (experiments/train.py) or pass the "
                               "right --workdir.")
     if step is not None and step not in steps:
       raise FileNotFoundError(f"No {label} at step {step} in {directory}; available steps: {sorted(steps)}.")
-    return ckpts.restore(template, step)
+    return ckpts.restore(template, step, what)
   finally:
-    if ckpts:
-      ckpts.close()
+    ckpts.close()

@@ -234,6 +234,60 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+# The domain of every numeric field: (fields, test, what the value must be). Checked before any work, on a resume
+# too (a field that may change between invocations, such as train.keep_checkpoints, is checked each time).
+def _positive(v): return v > 0
+def _non_negative(v): return v >= 0
+def _at_least_one(v): return v >= 1
+def _fraction(v): return 0 <= v < 1
+def _unit(v): return 0 <= v <= 1
+
+
+NUMERIC_DOMAINS = (
+    (("train.lr", "first_stage.lr", "baseline.lr", "baseline.eps", "encoder.bn_eps", "diffusion.linear_start",
+      "diffusion.linear_end"), _positive, "> 0"),
+    (("train.num_steps", "first_stage.num_steps", "baseline.num_steps", "train.warmup_steps", "train.weight_decay", "first_stage.beta",
+      "first_stage.kl_weight", "first_stage.pixel_weight", "first_stage.perceptual_weight",
+      "first_stage.codebook_weight", "first_stage.disc_start", "first_stage.disc_weight", "first_stage.disc_factor",
+      "diffusion.cosine_s", "sample.eta", "eval.every", "eval.seed", "train.figure_every", "data.loader_threads",
+      "data.prefetch_batches", "mesh.fsdp_min_size", "first_stage.disc_layers"),
+     _non_negative, ">= 0 (train.num_steps=0 scores the untrained model; eval.every/train.figure_every=0: off)"),
+    (("train.log_every", "train.checkpoint_every", "first_stage.log_every", "first_stage.checkpoint_every",
+      "baseline.log_every", "baseline.checkpoint_every", "train.keep_checkpoints", "train.batch_size",
+      "first_stage.batch_size", "baseline.batch_size", "eval.batch_size", "sample.ddim_steps", "sample.num_images",
+      "diffusion.timesteps", "data.image_size", "data.channels", "encoder.num_tokens", "encoder.token_dim",
+      "encoder.width", "unet.model_channels", "unet.num_heads", "unet.transformer_depth", "unet.norm_groups",
+      "unet.num_res_blocks", "first_stage.ch", "first_stage.num_res_blocks", "first_stage.z_channels",
+      "first_stage.embed_dim", "first_stage.n_embed", "first_stage.norm_groups", "first_stage.disc_ndf",
+      "baseline.latent_dim", "mesh.fsdp"), _at_least_one, ">= 1"),
+    (("unet.dropout", "first_stage.dropout", "encoder.bn_momentum", "first_stage.b1", "first_stage.b2",
+      "baseline.b1", "baseline.b2"), _fraction, "in [0, 1)"),
+    (("train.ema_decay", "diffusion.linear_end"), _unit, "in [0, 1]"),
+)
+
+
+def _check_domains(config: ml_collections.ConfigDict) -> None:
+  values, defaults = _flatten(config_to_dict(config)), _flatten(config_to_dict(get_base_config()))
+  for fields, test, domain in NUMERIC_DOMAINS:
+    for field in fields:
+      value = values.get(field)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value)):
+        raise ValueError(f"Invalid config: {field}={value!r}; it must be {domain} (default {defaults[field]!r}).")
+  checks = [
+      (config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data must be -1 (all devices fsdp leaves) or >= 1"),
+      (config.sample.ddim_steps <= config.diffusion.timesteps,
+       f"sample.ddim_steps={config.sample.ddim_steps} must be <= diffusion.timesteps={config.diffusion.timesteps}"),
+      (config.diffusion.linear_start < config.diffusion.linear_end,
+       "diffusion.linear_start must be < diffusion.linear_end"),
+      # Without a trained first stage the diffusion stage would train on a random autoencoder.
+      ("first_stage" not in config.stages or config.first_stage.kind == "none" or config.first_stage.num_steps >= 1,
+       f"first_stage.num_steps={config.first_stage.num_steps} must be >= 1 when 'first_stage' is in stages"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(f"Invalid config: {message}.")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """One clear ValueError for a field the schema does not know or a value no code path accepts."""
   import_extensions(config)
@@ -243,6 +297,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       close = difflib.get_close_matches(key, known, n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""
       raise ValueError(f"Unknown config field {key!r}.{hint} The schema is concept_diffusion/config.py.")
+  _check_domains(config)
   checks = [
       (config.first_stage.kind in encdiff.FIRST_STAGES,
        f"first_stage.kind must be a registered first stage, one of {sorted(encdiff.FIRST_STAGES)}"),

@@ -159,20 +159,23 @@ def restore_diffusion_state(config: ml_collections.ConfigDict, workdir: str,
 
 
 def restore_ae_params(config: ml_collections.ConfigDict, ckpts: StageCheckpoints, mesh: Mesh | None = None) -> Any:
-  """The autoencoder parameters of the latest first-stage checkpoint (sharded over `mesh` when given)."""
+  """The autoencoder parameters of the latest readable first-stage checkpoint (sharded over `mesh` when given)."""
   template = abstract_first_stage_state(config)
   if mesh is not None:
     template = parallel.with_shardings(template, first_stage_state_shardings(config, mesh))
-  return ckpts.restore(template).ae_params
+  return ckpts.restore(template, what="first_stage").ae_params
 
 
 def restore_first_stage_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """The trained first stage of a run (None in pixel space), with a clear error when it is missing."""
   if config.first_stage.kind == "none":
     return None
-  ckpts = StageCheckpoints(workdir_lib.first_stage_dir(config, workdir), keep=config.train.keep_checkpoints)
-  if ckpts.latest_step() is None:
-    raise FileNotFoundError(f"No first-stage checkpoint in {ckpts.directory}.")
-  params = restore_ae_params(config, ckpts)
-  ckpts.close()
-  return params
+  # Only reads: a first_stage.checkpoint that points at the wrong directory must not gain an empty stage folder.
+  ckpts = StageCheckpoints(workdir_lib.first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
+                           create=False)
+  try:
+    if ckpts.latest_step() is None:
+      raise FileNotFoundError(f"No first-stage checkpoint in {ckpts.directory}.")
+    return restore_ae_params(config, ckpts)
+  finally:
+    ckpts.close()

@@ -1,8 +1,10 @@
 """Figures written to W/figures/: image grids and training curves (PNG)."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+import sys
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
-from concept_diffusion.workdir import FIGURES_DIR, eval_history, eval_path, eval_steps, figure_path, read_metrics
+from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_history, eval_path, eval_steps, figure_path,
+                                       read_metrics)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """(..., C) -> (..., 3) for any channel count C: grey (C=1) repeated, colour (C=3) kept, 2 channels shown as
+  their mean in grey, more than 3 as the first three (e.g. RGBA without its alpha)."""
+  channels = image.shape[-1]
+  if channels == 3:
+    return image
+  if channels > 3:
+    return image[..., :3]
+  grey = image[..., :1] if channels == 1 else np.mean(image, axis=-1, keepdims=True).astype(image.dtype)
+  return np.repeat(grey, 3, axis=-1)
 
 
 def image_grid(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, pad: int = 2,
@@ -24,7 +39,7 @@ def image_grid(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
   grid = np.full((len(rows) * cell_h + pad, label_w + n * cell_w + pad, 3), 255, np.uint8)
   for i, row in enumerate(rows):
     for j, img in enumerate(row):
-      img = img if img.shape[-1] == 3 else np.repeat(img[..., :1], 3, axis=-1)
+      img = to_rgb(img)
       img = np.repeat(np.repeat(img, upscale, axis=0), upscale, axis=1)
       y, x = pad + i * cell_h, label_w + pad + j * cell_w
       grid[y:y + h * upscale, x:x + w * upscale] = img
@@ -38,38 +53,52 @@ def image_grid(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(np.asarray(image)).save(tmp)
-  os.replace(tmp, path)
+  """`image` (H, W, 3) uint8 as a PNG at `path`, atomically (a reader never sees a half-written figure)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with atomic_path(path) as tmp:
+    Image.fromarray(np.asarray(image)).save(tmp)
 
 
-def plot_curves(records: Sequence[dict], path: str, keys: Sequence[str] = ("loss",)) -> None:
-  """One panel per stage: the logged values of `keys` (and any stage-specific losses) over steps."""
+@contextlib.contextmanager
+def _pyplot_figure(path: str, **subplots_kwargs) -> Iterator[tuple]:
+  """(fig, axes) of plt.subplots(**subplots_kwargs) to draw into; saved atomically to `path` when the block ends
+  without an error, and closed either way (pyplot keeps every open figure alive, so a failed plot would leak one).
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(**subplots_kwargs)
+  try:
+    yield fig, axes
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=100)
+  finally:
+    plt.close(fig)
+
+
+def plot_curves(records: Sequence[dict], path: str, keys: Sequence[str] = ("loss",)) -> bool:
+  """One panel per stage: the logged values of `keys` (and any stage-specific losses) over steps. Returns whether
+  it wrote the figure (not when nothing has been logged yet)."""
   stages = sorted({r["stage"] for r in records})
   if not stages:
-    return
-  fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
-  for ax, stage in zip(axes[0], stages):
-    rs = [r for r in records if r["stage"] == stage]
-    positive = True
-    for key in [k for k in rs[-1] if k in keys or k.endswith("loss") or k == "l1"]:
-      pts = [(r["step"], r[key]) for r in rs if key in r]
-      positive &= all(v > 0 for _, v in pts)
-      ax.plot(*zip(*pts), label=key)
-    ax.set_title(stage)
-    ax.set_xlabel("step")
-    if positive and ax.lines:
-      ax.set_yscale("log")
-    if ax.lines:
-      ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+    return False
+  with _pyplot_figure(path, nrows=1, ncols=len(stages), figsize=(5 * len(stages), 3.5), squeeze=False) as (_, axes):
+    for ax, stage in zip(axes[0], stages):
+      rs = [r for r in records if r["stage"] == stage]
+      positive = True
+      for key in [k for k in rs[-1] if k in keys or k.endswith("loss") or k == "l1"]:
+        pts = [(r["step"], r[key]) for r in rs if key in r]
+        positive &= all(v > 0 for _, v in pts)
+        ax.plot(*zip(*pts), label=key)
+      ax.set_title(stage)
+      ax.set_xlabel("step")
+      if positive and ax.lines:
+        ax.set_yscale("log")
+      if ax.lines:
+        ax.legend(fontsize=7)
+  return True
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -78,7 +107,7 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np
   h, w = image.shape[:2]
   heat = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize((w, h), Image.BILINEAR))
   colours = matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
-  base = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+  base = to_rgb(image)
   return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
 
 
@@ -96,40 +125,27 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def plot_matrix(matrix: np.ndarray, path: str, row_label: str, col_labels: Sequence[str], title: str) -> None:
   """A heat-map of e.g. the DCI importance matrix (codes x factors)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(col_labels), 1.2 + 0.3 * matrix.shape[0]))
-  im = ax.imshow(matrix, cmap="viridis", aspect="auto")
-  ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=8)
-  ax.set_yticks(range(matrix.shape[0]), [f"{row_label} {i}" for i in range(matrix.shape[0])], fontsize=7)
-  ax.set_title(title, fontsize=9)
-  fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  with _pyplot_figure(path, figsize=(1.2 + 0.7 * len(col_labels), 1.2 + 0.3 * matrix.shape[0])) as (fig, ax):
+    im = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(matrix.shape[0]), [f"{row_label} {i}" for i in range(matrix.shape[0])], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
 
 
 def plot_metric_history(history: Sequence[dict], path: str) -> None:
   """Metric values over training steps (one line per metric) from W/eval/metrics_<step>.json records."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   keys = sorted({k for r in history for k, v in r.items() if "." in k and isinstance(v, (int, float))
                  and not k.endswith(("num_active_dims", "runtime_s"))})
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  for key in keys:
-    pts = sorted((r["step"], r[key]) for r in history if key in r)
-    ax.plot(*zip(*pts), marker="o", label=key)
-  ax.set_xlabel("step")
-  ax.set_ylim(0, 1.05)
-  ax.set_title("disentanglement metrics")
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  with _pyplot_figure(path, figsize=(6, 3.5)) as (_, ax):
+    for key in keys:
+      pts = sorted((r["step"], r[key]) for r in history if key in r)
+      ax.plot(*zip(*pts), marker="o", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("disentanglement metrics")
+    if ax.lines:
+      ax.legend(fontsize=6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,8 +172,7 @@ def figures_hook(snapshot) -> list[str]:
   s = snapshot
   if s.state is None:
     path = figure_path(s.workdir, "loss_curves.png")
-    plot_curves(read_metrics(s.workdir), path)
-    return [path]
+    return [path] if plot_curves(read_metrics(s.workdir), path) else []
   return write_run_figures(s.config, s.workdir, s.dataset, s.model, s.state, s.ae_params, s.rng, step=s.step,
                            writer=s.writer, light=not s.final)
 
@@ -173,15 +188,22 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
   each scalar, DDIM reconstructions with MSE/SSIM, samples, loss curves, the DCI importance matrix and the
   metric history. `light` writes only the swap grid and the reconstructions (the periodic training figures).
   Sampling is batched and jitted (EMA UNet, config.sample's DDIM steps and eta).
+
+  Each figure shows min(num_images, dataset.num_images) images. The swap targets are further images when the
+  dataset has enough, otherwise the shown images again, each paired with a different one; a dataset of one image
+  has no pair to swap, so it gets no swap grid.
   """
   figures = os.path.join(workdir, FIGURES_DIR)
   steps, eta = config.sample.ddim_steps, config.sample.eta
-  n = num_images or config.sample.num_images
+  n = min(num_images or config.sample.num_images, dataset.num_images)
   upscale = max(1, 64 // config.data.image_size)
   to_u8 = lambda x: np.asarray(as_uint8(x))
-  indices = np.sort(np.random.default_rng(config.seed + step).choice(dataset.num_images, size=2 * n, replace=False))
+  num_drawn = min(2 * n, dataset.num_images)
+  indices = np.sort(np.random.default_rng(config.seed + step).choice(dataset.num_images, size=num_drawn,
+                                                                     replace=False))
   images = jnp.asarray(dataset.images(indices))
-  sources, targets = images[:n], images[n:]
+  sources = images[:n]
+  targets = images[n:] if num_drawn == 2 * n else jnp.roll(sources, -1, axis=0)
   history = eval_history(workdir)
   evaluation = history[-1] if history else None
   labels = token_labels(config.encoder.num_tokens, evaluation)
@@ -194,10 +216,14 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
     if writer is not None:
       writer.image(step, f"figures/{name[:-4]}", grid)
 
-  swaps = model.swap_grid(state, ae_params, sources, targets, keys[0], steps=steps, eta=eta)
-  save("swap_grid.png", image_grid([to_u8(sources), to_u8(targets)] + [to_u8(r) for r in swaps],
-                                   ["source", "target", "own tokens"] + [f"swap {s}" for s in labels],
-                                   upscale=upscale))
+  if dataset.num_images >= 2:
+    swaps = model.swap_grid(state, ae_params, sources, targets, keys[0], steps=steps, eta=eta)
+    save("swap_grid.png", image_grid([to_u8(sources), to_u8(targets)] + [to_u8(r) for r in swaps],
+                                     ["source", "target", "own tokens"] + [f"swap {s}" for s in labels],
+                                     upscale=upscale))
+  else:
+    print(f"note: no swap_grid.png: the dataset {dataset.name} has 1 image, and a swap needs a second one to take "
+          "tokens from.", file=sys.stderr)
 
   recon = model.reconstruct(state, ae_params, sources, keys[3], steps=steps, eta=eta)
   x, y = (np.asarray(sources) + 1) / 2, np.clip((np.asarray(recon) + 1) / 2, 0, 1)
@@ -220,8 +246,7 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
     samples, maps = model.sample_jit(state, ae_params, own_tokens, keys[1], steps=steps, eta=eta,
                                      attention_side=side)
     maps = np.asarray(maps)
-    big = np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2)
-    big = big if big.shape[-1] == 3 else np.repeat(big[..., :1], 3, axis=-1)  # grey images beside colour overlays
+    big = to_rgb(np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2))  # beside colour overlays
     rows = [np.stack([big[i]] + [heat_overlay(big[i], maps[i, :, :, k] / max(maps[i].max(), 1e-8))
                                  for k in range(maps.shape[-1])]) for i in range(n)]
     save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)]))
@@ -240,8 +265,8 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
                                  steps=steps, eta=eta)
   save("traversals.png", image_grid([to_u8(r) for r in trav], labels, upscale=upscale))
 
-  written.append(os.path.join(figures, "loss_curves.png"))
-  plot_curves(read_metrics(workdir), written[-1])
+  if plot_curves(read_metrics(workdir), os.path.join(figures, "loss_curves.png")):
+    written.append(os.path.join(figures, "loss_curves.png"))
   if evaluation and "dci.importance_matrix" in evaluation:
     written.append(os.path.join(figures, "dci_importance.png"))
     plot_matrix(np.asarray(evaluation["dci.importance_matrix"]), written[-1], "token",

@@ -7,19 +7,23 @@ Each workdir W must hold `W/eval/metrics_<step>.json` (a flat {metric: float} di
 "dataset"); the file with the largest step is the run's final result. The dataset name comes from that file or,
 failing that, from `W/config.json` (`data.name`). Papers in this area report mean ± std over seeds; we use the
 sample std (ddof=1), which is what "± std over n runs" usually means for small n.
+
+A run whose final metrics hold NaN or inf, and a workdir given twice (under any spelling), are refused: either
+would make the table wrong without saying so.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import pathlib
 import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-from concept_diffusion.workdir import eval_path, eval_steps
+from concept_diffusion.workdir import eval_path, eval_steps, write_json
 
 _NON_METRIC_KEYS = frozenset({"step", "dataset"})
 
@@ -54,6 +58,10 @@ def load_run(workdir: str | pathlib.Path) -> tuple[str, dict[str, float]]:
     raise ValueError(f"{path}: expected a JSON object of metric name -> number.")
   values = {key: float(value) for key, value in raw.items()
             if key not in _NON_METRIC_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+  bad = [f"{key}={value}" for key, value in values.items() if not math.isfinite(value)]
+  if bad:
+    raise ValueError(f"{workdir}: {path} has non-finite {', '.join(bad)}; a mean over runs that includes it is "
+                     f"meaningless. Re-evaluate the run (encdiff-evaluate --workdir={workdir}) or leave it out.")
   return _dataset_name(workdir, raw), values
 
 
@@ -66,6 +74,14 @@ def aggregate(workdirs: Sequence[str | pathlib.Path]) -> dict[str, dict[str, Any
   """{dataset: {"n_runs", "workdirs", "metrics": {metric: {"mean", "std", "n"}}}}; std is ddof=1 (NaN if n=1)."""
   if not workdirs:
     raise ValueError("no workdirs given.")
+  seen: dict[pathlib.Path, str | pathlib.Path] = {}
+  for workdir in workdirs:  # resolved: runs/a, runs/a/, ./runs/a and a symlink to it are one run
+    resolved = pathlib.Path(workdir).resolve()
+    if resolved in seen:
+      first = seen[resolved]
+      also = "" if str(first) == str(workdir) else f" (also as {first})"
+      raise ValueError(f"{workdir}: given twice{also}, so its run would count twice in n. Give each workdir once.")
+    seen[resolved] = workdir
   runs: dict[str, list[tuple[str, dict[str, float]]]] = {}
   for workdir in workdirs:
     dataset, values = load_run(workdir)
@@ -121,9 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  if args.json_path:  # before the table, so a failed write leaves only its error line
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
+      write_json(args.json_path, _nan_to_none(summary), indent=2)
+    except OSError as error:
+      print(f"error: cannot write {args.json_path}: {error.strerror or error}", file=sys.stderr)
+      return 2
   print(markdown_table(summary))
-  if args.json_path:
-    pathlib.Path(args.json_path).write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
   return 0
 
 

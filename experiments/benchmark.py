@@ -9,7 +9,6 @@ peak: published for TPUs/GPUs, measured by a large matmul on CPUs), XLA's memory
 DDIM time per image, encoder and input-pipeline images/s; with --profile_steps, where the step's time goes
 (concept_diffusion/tools/profiling.py). docs/performance.md explains the numbers.
 """
-import json
 import os
 
 from absl import flags, logging
@@ -18,6 +17,7 @@ from ml_collections import config_flags
 from concept_diffusion import parallel
 from concept_diffusion.tools import cli
 from concept_diffusion.tools.benchmark import format_report, run_benchmark
+from concept_diffusion.workdir import write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config: a name in configs/ or a .py file.", lock_config=True)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Global batch sizes (default: the config's train.batch_size).")
@@ -56,8 +56,7 @@ def _main(argv):
   print(format_report(report))
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    write_json(_JSON.value, report, indent=2)
     print(f"wrote {_JSON.value}")
 
 

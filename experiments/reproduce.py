@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Sequence
 
-from concept_diffusion.workdir import eval_path, eval_steps
+from concept_diffusion.workdir import atomic_path, eval_path, eval_steps, write_json
 from experiments import aggregate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +155,8 @@ def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
     axes[0, 0].legend(fontsize=7)
   fig.suptitle("Procedural Shapes 32x32 on 2 CPU cores; lines = runs (DCI only at the final evaluation)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
 
 
@@ -356,10 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed = run_all(pending, root, nice=args.nice, parallel=args.parallel)
   os.makedirs(root, exist_ok=True)
   text, data = summarise(runs, root)
-  with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
+  with atomic_path(os.path.join(root, "summary.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
-  with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(aggregate._nan_to_none(data), f, indent=2)  # pylint: disable=protected-access
+  write_json(os.path.join(root, "summary.json"), aggregate._nan_to_none(data), indent=2)  # pylint: disable=protected-access
   plot_curves(runs, root, os.path.join(root, "curves.png"))
   print(text)
   print(f"wrote {os.path.join(root, 'summary.md')}, summary.json and curves.png")

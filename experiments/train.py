@@ -4,13 +4,12 @@ r"""Trains every stage the config lists (first stage, then concept diffusion) in
   (or: python experiments/train.py --config=configs/quickstart.py --workdir=...)
 
 Running the same command again resumes an unfinished stage and skips a finished one. On SIGTERM (or a TPU
-preemption notice) the run saves at the next step and exits 0; run the command again to continue.
+preemption notice) the run saves at the next step and exits 0, on Ctrl-C it saves and exits 130; run the command
+again to continue. A second training on the same workdir is refused while the first runs (W/lock.json).
 With config.baseline.kind set (configs/baseline_vae.py, configs/baseline_tcvae.py) it trains that VAE baseline
 instead, with the same workdir layout, resume and evaluation. Multi-host: the same command on every host
 (docs/scaling.md).
 """
-import sys
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -19,7 +18,6 @@ from concept_diffusion.baselines.trainer import train_baseline
 from concept_diffusion.evaluation import evaluate
 from concept_diffusion.tools import cli
 from concept_diffusion.train import trainer
-from concept_diffusion.train.loop import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config: a name in configs/ or a .py file.",
                                           lock_config=True)
@@ -38,14 +36,10 @@ def _main(argv):
   # Before any other JAX call: multi-process start-up must precede backend initialisation.
   parallel.maybe_initialize_distributed(config.distributed)
   cli.enable_compilation_cache()  # a restart loads the compiled steps instead of compiling them again
-  try:
-    if config.baseline.kind:  # a VAE baseline (configs/baseline_*.py) instead of EncDiff
-      train_baseline(config, _WORKDIR.value)
-    else:
-      trainer.train(config, _WORKDIR.value, HOOKS)
-  except Preempted as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(0)
+  if config.baseline.kind:  # a VAE baseline (configs/baseline_*.py) instead of EncDiff
+    train_baseline(config, _WORKDIR.value)
+  else:
+    trainer.train(config, _WORKDIR.value, HOOKS)
 
 
 def main():

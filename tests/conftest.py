@@ -1,7 +1,10 @@
-"""Shared test set-up: the repo root on sys.path (for `configs`), CPU only, small thread pools."""
+"""Shared test set-up: the repo root on sys.path (for `configs`), CPU only, one compilation cache for the suite."""
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -11,6 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The trainer pins JAX's non-partitionable threefry for its runs (train/trainer.py: XLA:CPU compiles parameter
 # initialisation ~8x faster); tests that initialise models outside train() and their subprocesses do the same.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+# One persistent compilation cache for the whole run, made by the first process (the xdist controller, before it
+# starts the workers, which inherit it) and removed when that process ends: a test that builds a model the suite
+# already compiled (a re-train in the same process, a console script in a subprocess) loads the executable instead
+# of compiling it again. Tests of the cache itself pass their own directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _suite_cache = tempfile.mkdtemp(prefix="concept-diffusion-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _suite_cache
+  atexit.register(shutil.rmtree, _suite_cache, ignore_errors=True)
 
 
 import numpy as np  # noqa: E402

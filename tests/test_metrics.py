@@ -5,6 +5,8 @@ behaviour that follows from each metric's definition (perfect codes score ~1, mi
 chance, invariances, RNG stream order, n_jobs independence, input errors), not numbers copied from a run.
 """
 import json
+import math
+import os
 
 import numpy as np
 import pytest
@@ -348,6 +350,45 @@ def test_aggregate_errors_on_workdir_without_eval(tmp_path, capsys):
   assert "no eval/metrics_<step>.json" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError):
     agg.aggregate([tmp_path / "empty_run"])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_aggregate_refuses_a_non_finite_metric_naming_run_file_and_metric(tmp_path, capsys, bad):
+  agg = _load_aggregate()
+  good = _fake_run(tmp_path, "s0", {10: {"dci.disentanglement": 0.5, "mig.discrete_mig": 0.2}})
+  broken = _fake_run(tmp_path, "s1", {10: {"dci.disentanglement": 0.5, "mig.discrete_mig": bad}})
+  out_json = tmp_path / "summary.json"
+  assert agg.main([str(good), str(broken), f"--json={out_json}"]) == 2
+  out, err = capsys.readouterr()
+  assert f"error: {broken}: " in err and "metrics_10.json" in err and f"mig.discrete_mig={bad}" in err
+  assert "dci.disentanglement" not in err and out == "" and not out_json.exists()
+
+
+@pytest.mark.parametrize("again", ["runs/a", "runs/a/", "./runs/a", "link_to_a"])
+def test_aggregate_refuses_a_workdir_given_twice_under_any_spelling(tmp_path, capsys, monkeypatch, again):
+  agg = _load_aggregate()
+  monkeypatch.chdir(tmp_path)
+  _fake_run(tmp_path / "runs", "a", {10: {"dci.disentanglement": 0.5}})
+  _fake_run(tmp_path / "runs", "b", {10: {"dci.disentanglement": 0.7}})
+  (tmp_path / "link_to_a").symlink_to(tmp_path / "runs" / "a")
+  assert agg.main(["runs/a", "runs/b", again, "--json=summary.json"]) == 2
+  out, err = capsys.readouterr()
+  assert f"error: {again}: given twice" in err and out == "" and not (tmp_path / "summary.json").exists()
+
+
+def test_aggregate_json_goes_into_new_folders_and_an_unwritable_path_is_one_error_line(tmp_path, capsys):
+  agg = _load_aggregate()
+  run = str(_fake_run(tmp_path, "s0", {10: {"dci.disentanglement": 0.5}}))
+  nested = tmp_path / "new" / "deeper" / "summary.json"
+  assert agg.main([run, f"--json={nested}"]) == 0
+  assert json.loads(nested.read_text())["shapes3d"]["n_runs"] == 1
+  assert os.listdir(nested.parent) == ["summary.json"]  # no temporary file left beside it
+  capsys.readouterr()
+  (tmp_path / "a_file").write_text("")
+  blocked = tmp_path / "a_file" / "summary.json"  # its parent is a file: no folder can be made there
+  assert agg.main([run, f"--json={blocked}"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.startswith(f"error: cannot write {blocked}: ") and err.count("\n") == 1
 
 
 def test_per_factor_scores_average_to_the_scalars_and_single_out_a_missing_factor():

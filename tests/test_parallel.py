@@ -155,7 +155,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path, cache_dir, pixe
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  assert "preempted; saved step" in err
+  assert "interrupted (SIGTERM); saved step" in err
   state, data_state = _final_state(workdir)
   assert 2 <= int(state.step) < 100000
   assert data_state == {"next_index": int(state.step)}

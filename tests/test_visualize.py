@@ -1,9 +1,15 @@
-"""Swaps, attention maps and figure helpers (pixel-space smoke model with perturbed weights)."""
+"""Swaps, attention maps and figure helpers (pixel-space smoke model with perturbed weights), and the run figures
+for grey and tiny datasets."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
+from concept_diffusion import data as data_lib
 from concept_diffusion import visualize
 from concept_diffusion.models.encdiff import EncDiffVariables, build_model
 from configs import smoke
@@ -79,3 +85,142 @@ def test_token_labels_name_the_most_important_factor():
   evaluation = {"dci.importance_matrix": [[0.0, 0.9], [0.8, 0.1], [0.001, 0.0]], "factor_names": ["x", "y"]}
   assert visualize.token_labels(3, evaluation) == ["token 0 y", "token 1 x", "token 2 (uninformative)"]
   assert visualize.token_labels(2, None) == ["token 0", "token 1"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# write_run_figures on grey (1-channel, as dSprites) and tiny datasets
+# --------------------------------------------------------------------------------------------------------------
+
+
+class GreyBlocks(data_lib.GroundTruthDataset):
+  """A white block on black, one position per factor tuple: 1-channel images, every one different."""
+  name = "grey_blocks"
+  factor_names = ("x", "y")
+  image_shape = (16, 16, 1)
+
+  def __init__(self, factor_sizes: tuple[int, int]):
+    self.factor_sizes = factor_sizes
+
+  def images(self, indices):
+    out = np.full((len(np.atleast_1d(indices)), 16, 16, 1), -1.0, np.float32)
+    for i, (x, y) in enumerate(self.index_to_factors(indices)):
+      out[i, 2 + 3 * y:6 + 3 * y, 2 + 3 * x:6 + 3 * x] = 1.0
+    return out
+
+
+class RecordingWriter:
+  """MetricWriter's figure calls, kept in memory."""
+
+  def __init__(self):
+    self.images = {}
+
+  def image(self, step, tag, image):
+    del step
+    self.images[tag] = image
+
+  def scalars(self, step, values, stage):
+    del step, values, stage
+
+
+@pytest.fixture(scope="module")
+def grey_run():
+  """A pixel-space 1-channel model with a one-level UNet (the figures compile every sampler: keep them small)."""
+  config = smoke.get_config()
+  config.first_stage.kind = "none"
+  config.data.channels = 1
+  config.unet.channel_mult = (1,)
+  config.unet.attention_resolutions = (1,)
+  config.sample.ddim_steps = 2
+  encdiff = build_model(config)
+  variables = jax.jit(encdiff.init)(jax.random.PRNGKey(0))
+  state = EncDiffVariables(variables["params"], variables["batch_stats"], variables["params"]["unet"], jnp.ones(()))
+  return config, encdiff, state
+
+
+def _workdir_with_logs(root) -> str:
+  """A workdir with training logs and an evaluation, so the curves, DCI and metric figures are drawn too."""
+  workdir = root / "run"
+  (workdir / "eval").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text("".join(
+      json.dumps({"stage": "diffusion", "step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+  (workdir / "eval" / "metrics_2.json").write_text(json.dumps(
+      {"step": 2, "dci.disentanglement": 0.5, "factor_names": ["x", "y"],
+       "dci.importance_matrix": [[0.9, 0.0], [0.0, 0.8], [0.0, 0.0], [0.1, 0.1]]}))
+  return str(workdir)
+
+
+ALL_FIGURES = {"swap_grid.png", "reconstructions.png", "attention_maps.png", "samples.png", "traversals.png",
+               "loss_curves.png", "dci_importance.png", "metrics.png"}
+
+
+def _figures(config, workdir, dataset, encdiff, state, **kwargs):
+  return visualize.write_run_figures(config, workdir, dataset, encdiff, state, None, jax.random.PRNGKey(6), step=2,
+                                     traversal_values=2, **kwargs)
+
+
+def test_run_figures_of_a_one_channel_dataset_are_grey_except_the_attention_overlays(grey_run, tmp_path):
+  config, encdiff, state = grey_run
+  workdir, writer = _workdir_with_logs(tmp_path), RecordingWriter()
+  written = _figures(config, workdir, GreyBlocks((4, 3)), encdiff, state, num_images=6, writer=writer)
+  figures = os.path.join(workdir, "figures")
+  assert sorted(written) == sorted(os.path.join(figures, name) for name in ALL_FIGURES)
+  assert sorted(os.listdir(figures)) == sorted(ALL_FIGURES)  # no temporary files left beside them
+  for name in ALL_FIGURES - {"loss_curves.png", "dci_importance.png", "metrics.png"}:
+    pixels = np.asarray(Image.open(os.path.join(figures, name)))
+    assert pixels.ndim == 3 and pixels.shape[-1] == 3, name
+    grey = np.all(pixels[..., 0] == pixels[..., 1]) and np.all(pixels[..., 1] == pixels[..., 2])
+    assert grey == (name != "attention_maps.png"), name
+  for tag, image in writer.images.items():  # TensorBoard takes (H, W, 3) uint8
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3, tag
+
+
+def test_run_figures_of_a_dataset_smaller_than_asked_for_pair_every_source_with_another_image(
+    grey_run, tmp_path, monkeypatch):
+  config, encdiff, state = grey_run
+  grids = {}
+  image_grid = visualize.image_grid
+  def recording_grid(rows, labels=None, **kwargs):
+    grids[labels[0] if labels else None] = [np.asarray(r) for r in rows]
+    return image_grid(rows, labels, **kwargs)
+  monkeypatch.setattr(visualize, "image_grid", recording_grid)
+  workdir = _workdir_with_logs(tmp_path)
+  # 10 images asked of a 6-image dataset: each figure shows all 6 (there are not 20 for distinct swap targets).
+  written = _figures(config, workdir, GreyBlocks((3, 2)), encdiff, state, num_images=10)
+  assert {os.path.basename(p) for p in written} == ALL_FIGURES
+  sources, targets = grids["source"][:2]
+  assert all(len(row) == 6 for row in grids["source"])
+  assert all(len(row) == 6 for row in grids["input"])
+  assert len({s.tobytes() for s in sources}) == 6
+  assert {t.tobytes() for t in targets} == {s.tobytes() for s in sources}
+  assert not any(np.array_equal(s, t) for s, t in zip(sources, targets))
+
+
+def test_run_figures_of_a_one_image_dataset_skip_the_swap_grid_with_a_note(grey_run, tmp_path, capsys):
+  config, encdiff, state = grey_run
+  workdir = str(tmp_path / "run")
+  written = _figures(config, workdir, GreyBlocks((1, 1)), encdiff, state, num_images=4, light=True)
+  assert [os.path.basename(p) for p in written] == ["reconstructions.png"]
+  assert os.listdir(os.path.join(workdir, "figures")) == ["reconstructions.png"]
+  err = capsys.readouterr().err
+  assert "no swap_grid.png" in err and "grey_blocks has 1 image" in err
+
+
+def test_a_failed_figure_write_keeps_the_previous_file_and_closes_the_figure(tmp_path, monkeypatch):
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  def half_written(path):
+    with open(path, "wb") as f:
+      f.write(b"\x89PNG half")
+    raise OSError("disk full")
+
+  path = tmp_path / "metrics.png"
+  path.write_bytes(b"previous")
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, p, **kw: half_written(p))
+  with pytest.raises(OSError, match="disk full"):
+    visualize.plot_metric_history([{"step": 1, "dci.disentanglement": 0.5}], str(path))
+  assert plt.get_fignums() == []
+  monkeypatch.setattr(Image.Image, "save", lambda self, p, *a, **kw: half_written(p))
+  with pytest.raises(OSError, match="disk full"):
+    visualize.save_png(str(path), np.zeros((4, 4, 3), np.uint8))
+  assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["metrics.png"]

@@ -29,7 +29,7 @@ from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import jit_step, trainer
 from concept_diffusion.train.loop import run_loop
 from concept_diffusion.workdir import (BASELINE_DIR, MetricWriter, check_or_write_config, eval_path, figure_path,
-                                       read_metrics)
+                                       read_metrics, workdir_lock)
 
 STAGE = "baseline"
 
@@ -126,8 +126,13 @@ def _train_baseline(config: ml_collections.ConfigDict, workdir: str) -> Baseline
   validate_config(config)
   if not config.baseline.kind:
     raise ValueError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
-  bl = config.baseline
   is_main = jax.process_index() == 0
+  with workdir_lock(workdir, enabled=is_main):
+    return _train_baseline_locked(config, workdir, is_main)
+
+
+def _train_baseline_locked(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> BaselineState:
+  bl = config.baseline
   check_or_write_config(config, workdir, write=is_main)
   dataset = data_lib.get_dataset(config.data)
   mesh = parallel.make_mesh(config.mesh)
@@ -135,12 +140,34 @@ def _train_baseline(config: ml_collections.ConfigDict, workdir: str) -> Baseline
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 40)
   ckpts = StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints,
                            async_save=config.train.async_checkpoints)
+  try:  # closed on every exit: no background save is cut off
+    state, trained = _train_stage(config, workdir, dataset, mesh, writer, rng, ckpts)
+  finally:
+    ckpts.close()
+  state = parallel.fetch_to_host(state, mesh)
+  step = int(state.step)
+  if config.eval.final and is_main:
+    if trained or not os.path.exists(eval_path(workdir, "metrics", step)):
+      scores, _ = evaluate_baseline(config, state, dataset, workdir, step)
+      writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
+      _say(f"evaluation at step {step}:\n{format_table(scores)}")
+  if is_main:
+    visualize.plot_curves(read_metrics(workdir), figure_path(workdir, "loss_curves.png"))
+  writer.close()
+  return state
+
+
+def _train_stage(config, workdir: str, dataset, mesh, writer: MetricWriter, rng: jax.Array,
+                 ckpts: StageCheckpoints) -> tuple[BaselineState, bool]:
+  """The trained (or resumed, or restored) state, and whether any step ran."""
+  bl = config.baseline
   shardings = state_shardings(config, mesh)
   latest = ckpts.latest_step() or 0
   # seed + 1: the diffusion stage's data seed, so both models see the same permutation of the dataset.
   pipeline = trainer.make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size")
   if latest:
     state = ckpts.resume(parallel.with_shardings(abstract_state(config), shardings), pipeline, STAGE)
+    latest = int(jax.device_get(state.step))  # an unreadable newest checkpoint falls back to an older one
   else:
     state = jit_step.create_sharded(functools.partial(create_baseline_state, config), rng, shardings)
   trained = latest < bl.num_steps
@@ -158,15 +185,4 @@ def _train_baseline(config: ml_collections.ConfigDict, workdir: str) -> Baseline
                      hooks=[(config.eval.every, parallel.on_main_host(evaluate_during_training, mesh))])
   else:
     _say(f"{STAGE}: finished at step {latest}; skipping.")
-  ckpts.close()
-  state = parallel.fetch_to_host(state, mesh)
-  step = int(state.step)
-  if config.eval.final and is_main:
-    if trained or not os.path.exists(eval_path(workdir, "metrics", step)):
-      scores, _ = evaluate_baseline(config, state, dataset, workdir, step)
-      writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
-      _say(f"evaluation at step {step}:\n{format_table(scores)}")
-  if is_main:
-    visualize.plot_curves(read_metrics(workdir), figure_path(workdir, "loss_curves.png"))
-  writer.close()
-  return state
+  return state, trained

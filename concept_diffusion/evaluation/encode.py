@@ -6,6 +6,7 @@ optionally a memory-mapped .npy), never by the images of the dataset.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from concept_diffusion.data.base import GroundTruthDataset
+from concept_diffusion.workdir import atomic_path
 
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -30,21 +32,25 @@ def encode_dataset(encode_fn: EncodeFn, params: Any, dataset: GroundTruthDataset
     raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}.")
   num = dataset.num_images
   step, fetch = make_encode_step(encode_fn, dataset)
-  codes = None
-  bar = tqdm(total=num, desc=f"encode {dataset.name}", unit="img", disable=not progress, mininterval=1.0)
-  for start in range(0, num, batch_size):
-    indices = np.arange(start, min(start + batch_size, num))
-    padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
-    out = np.asarray(step(params, fetch(padded)), dtype=np.float32)[:len(indices)]
-    if codes is None:
-      shape = (num,) + out.shape[1:]
-      codes = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape) if out_path
-               else np.empty(shape, np.float32))
-    codes[start:start + len(indices)] = out
-    bar.update(len(indices))
-  bar.close()
-  if isinstance(codes, np.memmap):
-    codes.flush()
+  with contextlib.ExitStack() as files:
+    # Written under a temporary name and renamed when complete: an interrupted pass never leaves a partial
+    # table behind for --from_codes to score, and the table of an earlier evaluation stays until then.
+    tmp_path = files.enter_context(atomic_path(out_path)) if out_path else None
+    codes = None
+    bar = tqdm(total=num, desc=f"encode {dataset.name}", unit="img", disable=not progress, mininterval=1.0)
+    for start in range(0, num, batch_size):
+      indices = np.arange(start, min(start + batch_size, num))
+      padded = np.concatenate([indices, np.full(batch_size - len(indices), indices[-1])])
+      out = np.asarray(step(params, fetch(padded)), dtype=np.float32)[:len(indices)]
+      if codes is None:
+        shape = (num,) + out.shape[1:]
+        codes = (np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=shape) if tmp_path
+                 else np.empty(shape, np.float32))
+      codes[start:start + len(indices)] = out
+      bar.update(len(indices))
+    bar.close()
+    if isinstance(codes, np.memmap):
+      codes.flush()
   return codes
 
 

@@ -13,7 +13,7 @@ from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.metrics import evaluate_codes
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
-from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps
+from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, write_json
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]
@@ -100,9 +100,7 @@ def write_metrics(path: str, step: int, dataset: GroundTruthDataset, scores: dic
   for key in ("dci.informativeness_test_per_factor", "mig.per_factor"):
     if extras.get(key) is not None:
       record[key] = {name: float(v) for name, v in zip(dataset.factor_names, np.asarray(extras[key]))}
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json(path, record, indent=2)
   return record
 
 

@@ -36,7 +36,7 @@ from concept_diffusion.interop import official
 from concept_diffusion.models import autoencoder
 from concept_diffusion import states
 from concept_diffusion.config import validate_config
-from concept_diffusion.workdir import AE_DIR, DIFFUSION_DIR, check_or_write_config
+from concept_diffusion.workdir import AE_DIR, DIFFUSION_DIR, check_or_write_config, workdir_lock
 
 
 def _as_jax_like(tree: Any, template: Any, what: str) -> Any:
@@ -186,22 +186,23 @@ def import_checkpoint(ckpt: str, config: ml_collections.ConfigDict, workdir: str
     logging.warning("model_ema.num_updates=%d differs from global_step=%d; the EMA warm-up continues from the step.",
                     weights.ema_num_updates, step)
 
-  check_or_write_config(config, workdir)
+  with workdir_lock(workdir):  # no training may write this workdir meanwhile
+    check_or_write_config(config, workdir)
 
-  state = make_diffusion_state(config, weights, step, template)
-  ckpts = StageCheckpoints(diffusion_dir, keep=config.train.keep_checkpoints)
-  ckpts.save(step, state, force=True)
-  ckpts.close()
-  logging.info("Wrote %s/%d (scale_factor %.5f).", diffusion_dir, step, float(weights.scale_factor))
-
-  if weights.ae_params is not None:
-    fs_state = make_first_stage_state(config, weights, jax.random.PRNGKey(seed))
-    fs_step = int(fs_state.step)
-    ckpts = StageCheckpoints(ae_dir, keep=config.train.keep_checkpoints)
-    ckpts.save(fs_step, fs_state, force=True)
+    state = make_diffusion_state(config, weights, step, template)
+    ckpts = StageCheckpoints(diffusion_dir, keep=config.train.keep_checkpoints)
+    ckpts.save(step, state, force=True)
     ckpts.close()
-    logging.info("Wrote %s/%d (discriminator %s).", ae_dir, fs_step,
-                 "imported" if weights.disc_params is not None else "fresh")
+    logging.info("Wrote %s/%d (scale_factor %.5f).", diffusion_dir, step, float(weights.scale_factor))
+
+    if weights.ae_params is not None:
+      fs_state = make_first_stage_state(config, weights, jax.random.PRNGKey(seed))
+      fs_step = int(fs_state.step)
+      ckpts = StageCheckpoints(ae_dir, keep=config.train.keep_checkpoints)
+      ckpts.save(fs_step, fs_state, force=True)
+      ckpts.close()
+      logging.info("Wrote %s/%d (discriminator %s).", ae_dir, fs_step,
+                   "imported" if weights.disc_params is not None else "fresh")
   return step
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from concept_diffusion import states
 from concept_diffusion.diffusion.schedule import SCHEDULES, make_beta_schedule
 from concept_diffusion.models import autoencoder
+from concept_diffusion.workdir import atomic_path
 
 OFFICIAL_COMMIT = "596a29d"  # github.com/SelenaGeRuiqi/EncDiff mirror of the official code's first commit
 OFFICIAL_REPO = "github.com/ThomasMrY/EncDiff"
@@ -789,15 +790,16 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray], global_step
   suffix = check_suffix(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {k: np.asarray(order="C", a=v) for k, v in state_dict.items()}
-  if suffix == ".safetensors":
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt", "global_step": str(int(global_step))})
-  elif suffix == ".npz":
-    if NPZ_STEP_KEY in arrays:
-      raise ValueError(f"State dict already has a {NPZ_STEP_KEY!r} entry; it is reserved in .npz files.")
-    with open(path, "wb") as f:  # a file object keeps numpy from appending a second .npz
-      np.savez(f, **arrays, **{NPZ_STEP_KEY: np.asarray(int(global_step), np.int64)})
-  else:
-    torch = import_torch(f"Writing {path!r} (a PyTorch checkpoint)")
-    tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())
-    torch.save({"state_dict": tensors, "global_step": int(global_step)}, path)
+  if suffix == ".npz" and NPZ_STEP_KEY in arrays:
+    raise ValueError(f"State dict already has a {NPZ_STEP_KEY!r} entry; it is reserved in .npz files.")
+  torch = import_torch(f"Writing {path!r} (a PyTorch checkpoint)") if suffix not in (".safetensors", ".npz") else None
+  with atomic_path(path) as tmp:  # an interrupted export never leaves a truncated file under the real name
+    if suffix == ".safetensors":
+      import safetensors.numpy  # pylint: disable=g-import-not-at-top
+      safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt", "global_step": str(int(global_step))})
+    elif suffix == ".npz":
+      with open(tmp, "wb") as f:  # a file object keeps numpy from appending a second .npz
+        np.savez(f, **arrays, **{NPZ_STEP_KEY: np.asarray(int(global_step), np.int64)})
+    else:
+      tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())
+      torch.save({"state_dict": tensors, "global_step": int(global_step)}, tmp)

@@ -7,7 +7,13 @@ import os
 import sys
 from typing import Callable, Sequence
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, KeyError, AttributeError)
+from concept_diffusion import interrupts, workdir
+
+# Errors that are the user's to fix (a bad value, a missing file, a busy workdir, an unreadable checkpoint, a
+# filesystem that refuses a write): one line, exit 2. --verbose (or CONCEPT_DIFFUSION_VERBOSE=1) re-raises them
+# with the traceback, for whoever extends the code.
+USER_ERRORS = (ValueError, FloatingPointError, KeyError, AttributeError, OSError, workdir.WorkdirInUse)
+VERBOSE_ENV = "CONCEPT_DIFFUSION_VERBOSE"
 
 
 def packaged_configs_dir() -> str | None:
@@ -29,26 +35,46 @@ def resolve_config_names(argv: Sequence[str]) -> list[str]:
         candidate = os.path.join(configs_dir, f"{name}.py")
         if not os.path.exists(candidate):
           known = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py") and not f.startswith("_"))
-          raise SystemExit(f"error: --config={name}: no such file and no packaged config of that name; "
+          raise ValueError(f"--config={name}: no such file and no packaged config of that name; "
                            f"packaged configs: {', '.join(known)}.")
         arg = f"{prefix}{candidate}{sep}{rest}"
+      elif name and not os.path.exists(name):
+        raise ValueError(f"--config={name}: no such file. Pass a config file (configs/*.py) or the name of a "
+                         "packaged config (e.g. --config=quickstart).")
     out.append(arg)
   return out
 
 
 def run(main: Callable) -> None:
-  """absl `app.run(main)`, but a config may be named (`--config=smoke`), and a bad flag, config override or input
-  ends with `error: ...` and exit 2."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  sys.argv = resolve_config_names(sys.argv)
+  """absl `app.run(main)`, but a config may be named (`--config=smoke`), a bad flag, config override, input or file
+  ends with `error: ...` and exit 2, and SIGINT/SIGTERM from the first line on end with one line (interrupts.py)."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  interrupts.install()
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, f"Full tracebacks instead of one-line errors (or {VERBOSE_ENV}=1).")
   try:
+    sys.argv = resolve_config_names(sys.argv)
     app.run(main)
+  except interrupts.Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_code)
   except USER_ERRORS as e:
-    message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-    if isinstance(e, AttributeError) and "Did you mean" in message:
-      message = f"unknown config field {message}"
-    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get(VERBOSE_ENV, "") not in ("", "0") or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose):
+      raise
+    print(f"error: {error_line(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def error_line(e: BaseException) -> str:
+  """One line for the user: the message, and for a failed file operation the path and the cause."""
+  if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
+    where = f": {e.filename}" if e.filename else ""
+    return (f"{e.strerror}{where}. Use a --workdir (or data directory) this process can write, or free the space, "
+            "and run the same command again; nothing finished was lost.")
+  message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  if isinstance(e, AttributeError) and "Did you mean" in message:
+    message = f"unknown config field {message}"
+  return message or type(e).__name__
 
 
 # XLA's compiled programs are kept here between processes, so a restart (resume, evaluate, a second benchmark run)

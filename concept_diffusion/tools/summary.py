@@ -9,6 +9,7 @@ import json
 import jax
 import numpy as np
 
+from concept_diffusion.config import validate_config
 from concept_diffusion.models.encdiff import build_model
 
 
@@ -41,6 +42,7 @@ def main() -> None:
 
   def run(argv):
     del argv
+    validate_config(config_flag.value)
     counts = parameter_counts(config_flag.value)
     if json_flag.value:
       print(json.dumps(counts))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -12,6 +11,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from tqdm.auto import tqdm
 
+from concept_diffusion import interrupts
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.workdir import MetricWriter
 
@@ -22,42 +22,32 @@ StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
 KILL_AFTER_SAVE_ENV = "CONCEPT_DIFFUSION_TEST_KILL_AFTER_SAVE"
 
 
-class Preempted(Exception):
-  """Raised after the checkpoint of a preempted run is written; the CLI exits 0 so the scheduler restarts it."""
-
-
 class PreemptionWatch:
-  """Notices a preemption request: SIGTERM in a single process; JAX's preemption sync point across processes.
-
-  Across processes every host must stop at the same step, which JAX's coordination service agrees on (it also
-  receives the TPU maintenance notice and SIGTERM); a single process only needs its own SIGTERM handler.
-  """
+  """Notices an interrupt: SIGINT/SIGTERM in a single process (interrupts.deferred); JAX's preemption sync point
+  across processes, where every host must stop at the same step (JAX's coordination service agrees on it; it also
+  receives the TPU maintenance notice and SIGTERM)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self._signals = interrupts.deferred(enabled=jax.process_count() == 1)
+    self.signum: int | None = None
 
   def __enter__(self) -> "PreemptionWatch":
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._signals.__enter__()
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
-    self.requested = True
+    self._signals.__exit__(*exc)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signum = signal.SIGTERM
       except RuntimeError:  # the coordination service runs without a preemption sync manager
-        return False
-    return self.requested
+        pass
+    else:
+      self.signum = self._signals.requested
+    return self.signum is not None
 
 
 def _summarise(pending: list[tuple[int, dict]]) -> tuple[dict[str, float], list[tuple[int, list[str]]]]:
@@ -81,8 +71,9 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
   `step_fn(state, images, rng)` folds the step into the constant `rng` itself (see train/jit_step.py).
   Metrics stay on device between log points (no per-step host sync). A step whose loss or gradient was not
   finite left the state unchanged (the step drops it); with on_nonfinite="stop" the loop then ends with an
-  error naming that step before anything is saved, with "skip" it counts it and goes on. On preemption
-  (SIGTERM, or the TPU notice across hosts) it saves at the next step boundary and raises `Preempted`.
+  error naming that step before anything is saved, with "skip" it counts it and goes on. On an interrupt
+  (SIGINT, SIGTERM, or the TPU notice across hosts) it saves at the next step boundary and raises
+  `interrupts.Interrupted` with the saved step.
   Each hook `(every, fn)` runs as fn(step, state) after every `every` steps; those steps are logged too.
   Every log record carries `images_seen` and `wall_s`: the stage's training seconds (compilation and checkpoint
   writes included, hooks such as evaluation excluded), continued across resumed invocations.
@@ -128,12 +119,11 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
         ckpts.save(done, state, batches.get_state(), force=True)
         if os.environ.get(KILL_AFTER_SAVE_ENV) == str(done):
           os.kill(os.getpid(), signal.SIGKILL)
-      if preempted and done < num_steps:
+      if preempted:
         bar.close()
         ckpts.wait()
         writer.flush()
-        raise Preempted(f"{stage}: preempted; saved step {done} to {ckpts.directory}. Run the same command to "
-                        "resume.")
+        raise interrupts.Interrupted(preemption.signum, saved_step=done, where=ckpts.directory)
       for every, hook in hooks:
         if every > 0 and done % every == 0:
           hook(done, state)

@@ -25,7 +25,7 @@ from concept_diffusion.models.encdiff import EncDiff, build_model
 from concept_diffusion.train import diffusion_stage, first_stage, jit_step
 from concept_diffusion.train.loop import run_loop
 from concept_diffusion.workdir import (DIFFUSION_DIR, MetricWriter, check_or_write_config, eval_path, figure_path,
-                                       first_stage_dir)
+                                       first_stage_dir, workdir_lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,19 +68,41 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
   fs = config.first_stage
   if fs.kind == "none":
     return None
+  # A first stage taken from another run is only read: its directory is neither created nor changed.
   ckpts = StageCheckpoints(first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
-                           async_save=config.train.async_checkpoints)
+                           async_save=config.train.async_checkpoints, create="first_stage" in config.stages)
+  try:  # the manager is closed on every exit, so no background save is cut off and nothing else is reported
+    return _train_first_stage(config, dataset, ckpts, writer, rng, mesh)
+  finally:
+    ckpts.close()
+
+
+def _restore_first_stage(config, ckpts: StageCheckpoints, mesh: Mesh) -> tuple[int, Any]:
+  """(step, ae_params) of the newest readable first-stage checkpoint."""
+  template = parallel.with_shardings(states.abstract_first_stage_state(config),
+                                     states.first_stage_state_shardings(config, mesh))
+  state = ckpts.restore(template, what="first_stage")
+  return int(jax.device_get(state.step)), state.ae_params
+
+
+def _train_first_stage(config, dataset, ckpts: StageCheckpoints, writer: MetricWriter, rng: jax.Array,
+                       mesh: Mesh) -> Any:
+  fs = config.first_stage
   if "first_stage" not in config.stages:
-    if ckpts.latest_step() is None or ckpts.latest_step() < fs.num_steps:
+    step, ae_params = _restore_first_stage(config, ckpts, mesh) if ckpts.latest_step() is not None else (None, None)
+    if step is None or step < fs.num_steps:
       raise FileNotFoundError(
           f"No finished first-stage checkpoint in {ckpts.directory} (need step >= "
-          f"first_stage.num_steps={fs.num_steps}, found {ckpts.latest_step()}). Add 'first_stage' to "
+          f"first_stage.num_steps={fs.num_steps}, found {step}). Add 'first_stage' to "
           "config.stages to train it, or point first_stage.checkpoint at a workdir that has one.")
-    return states.restore_ae_params(config, ckpts, mesh)
+    return ae_params
   latest = ckpts.latest_step() or 0
   if latest >= fs.num_steps and latest > 0:
-    _say(f"first_stage: finished at step {latest}; skipping.")
-    return states.restore_ae_params(config, ckpts, mesh)
+    step, ae_params = _restore_first_stage(config, ckpts, mesh)
+    if step >= fs.num_steps:
+      _say(f"first_stage: finished at step {step}; skipping.")
+      return ae_params
+    latest = step  # the finished checkpoint was unreadable: train on from the newest readable one
   shardings = states.first_stage_state_shardings(config, mesh)
   pipeline = make_pipeline(config, dataset, fs.batch_size, config.seed, mesh, "first_stage.batch_size")
   if latest:
@@ -93,7 +115,6 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
                    rng=jax.random.fold_in(rng, 1), ckpts=ckpts, writer=writer, log_every=fs.log_every,
                    checkpoint_every=fs.checkpoint_every, batch_size=fs.batch_size,
                    on_nonfinite=config.train.on_nonfinite)
-  ckpts.close()
   return state.ae_params
 
 
@@ -104,12 +125,24 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
   tx, train_step = diffusion_stage.step_for_config(config, model, mesh)
   ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints,
                            async_save=tc.async_checkpoints)
+  try:
+    return _train_diffusion(config, workdir, dataset, model, ae_params, writer, rng, mesh, hooks, tx, train_step,
+                            ckpts)
+  finally:
+    ckpts.close()
+
+
+def _train_diffusion(config, workdir: str, dataset, model: EncDiff, ae_params: Any, writer: MetricWriter,
+                     rng: jax.Array, mesh: Mesh, hooks: Hooks, tx, train_step: Callable,
+                     ckpts: StageCheckpoints) -> tuple[states.DiffusionState, bool]:
+  tc = config.train
   shardings = states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size)
   latest = ckpts.latest_step() or 0
   pipeline = make_pipeline(config, dataset, tc.batch_size, config.seed + 1, mesh, "train.batch_size")
   if latest:
     state = ckpts.resume(parallel.with_shardings(states.abstract_state(model, tx), shardings), pipeline,
                          "diffusion")
+    latest = int(jax.device_get(state.step))  # an unreadable newest checkpoint falls back to an older one
   else:
     state = diffusion_stage.create_sharded_state(model, tx, rng, mesh, config.mesh.fsdp_min_size)
     if model.first_stage is not None and tc.scale_by_std:
@@ -118,7 +151,6 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
       _say(f"diffusion: scale_factor = {float(jax.device_get(scale)):.5f} (1/std of the first batch's latents)")
   if latest >= tc.num_steps:
     _say(f"diffusion: finished at step {latest}; skipping.")
-    ckpts.close()
     return state, False
 
   host_ae_params = parallel.fetch_to_host(ae_params, mesh)
@@ -139,7 +171,6 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
                    checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size, on_nonfinite=tc.on_nonfinite,
                    hooks=[(config.eval.every, periodic(hooks.evaluate, log=True)),
                           (tc.figure_every, periodic(hooks.figures, log=False))])
-  ckpts.close()
   return state, True
 
 
@@ -165,6 +196,12 @@ def prng_context():
 def _train(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks) -> states.DiffusionState | None:
   validate_config(config)
   is_main = jax.process_index() == 0
+  with workdir_lock(workdir, enabled=is_main):
+    return _train_locked(config, workdir, hooks, is_main)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
+                  is_main: bool) -> states.DiffusionState | None:
   check_or_write_config(config, workdir, write=is_main)
   dataset = data_lib.get_dataset(config.data)
   mesh = parallel.make_mesh(config.mesh)
