@@ -18,7 +18,8 @@ from concept_diffusion.checkpoint import StageCheckpoints  # noqa: E402
 from concept_diffusion.train import diffusion_stage, first_stage  # noqa: E402
 from configs import smoke  # noqa: E402
 
-MESHES = ((1, 1), (8, 1), (4, 2), (2, 4), (1, 8))
+# (2, 4) is covered by the remesh test, which saves a state sharded on it: one fewer pair of step compiles here.
+MESHES = ((1, 1), (8, 1), (4, 2), (1, 8))
 
 
 def sharded_config():

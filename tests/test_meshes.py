@@ -62,7 +62,7 @@ def mesh_steps(tmp_path_factory, cache_dir):
   return dict(np.load(out))
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4", "1x8"])
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
 @pytest.mark.parametrize("stage", ["first_stage", "diffusion"])
 def test_one_step_gives_the_same_loss_and_parameters_on_every_mesh(mesh_steps, mesh, stage):
   reference = {k[len("1x1/"):]: v for k, v in mesh_steps.items() if k.startswith(f"1x1/{stage}/")}
@@ -79,7 +79,7 @@ def test_one_step_gives_the_same_loss_and_parameters_on_every_mesh(mesh_steps, m
     np.testing.assert_allclose(mesh_steps[f"{mesh}/{key}"], value, rtol=2e-5, atol=atol, err_msg=f"{mesh} {key}")
 
 
-@pytest.mark.parametrize("mesh,fsdp", [("8x1", 1), ("4x2", 2), ("2x4", 4), ("1x8", 8)])
+@pytest.mark.parametrize("mesh,fsdp", [("8x1", 1), ("4x2", 2), ("1x8", 8)])
 def test_state_is_sharded_by_the_rule(mesh_steps, mesh, fsdp):
   specs = [s for s in mesh_steps[f"{mesh}/specs"] if s]
   assert mesh_steps[f"{mesh}/batch_sharding"][0] == str(jax.sharding.PartitionSpec(("data", "fsdp")))
