@@ -265,3 +265,21 @@ def test_outside_the_loop_a_signal_stops_at_once():
   finally:
     for sig, handler in before.items():
       signal.signal(sig, handler)
+
+
+def test_without_a_terminal_the_loop_logs_plain_lines(tmp_path, capsys):
+  # SLURM and `--worker=all` output: no progress bar (no carriage returns), one line per log point with an ETA.
+  ckpts = StageCheckpoints(str(tmp_path / "stage"), async_save=False)
+  state = _CountingState(step=jnp.int32(0), nonfinite_steps=jnp.int32(0))
+  step_fn = lambda s, images, rng: (s.replace(step=s.step + 1), {"loss": jnp.float32(0.5),  # noqa: E731
+                                                                   "nonfinite": jnp.int32(0)})
+  run_loop(stage="stage", state=state, num_steps=4, step_fn=step_fn, batches=_Batches(), rng=jax.random.PRNGKey(0),
+           ckpts=ckpts, writer=MetricWriter(str(tmp_path), enabled=False), log_every=2, checkpoint_every=4,
+           batch_size=8)
+  ckpts.close()
+  err = capsys.readouterr().err
+  assert "\r" not in err
+  lines = [line for line in err.splitlines() if line.startswith("stage step")]
+  assert [line.split()[2] for line in lines] == ["2/4", "4/4"]
+  assert all("loss 0.5000" in line and "img/s" in line and "ETA" in line for line in lines)
+  assert lines[-1].endswith("ETA 0:00:00")

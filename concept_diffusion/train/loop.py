@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -61,6 +62,14 @@ def _summarise(pending: list[tuple[int, dict]]) -> tuple[dict[str, float], list[
   return mean, bad
 
 
+def _duration(seconds: float) -> str:
+  if seconds == float("inf"):
+    return "?"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches: Iterator[jax.Array],
              rng: jax.Array, ckpts: StageCheckpoints, writer: MetricWriter, log_every: int, checkpoint_every: int,
              batch_size: int, on_nonfinite: str = "stop",
@@ -80,8 +89,12 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
   """
   start_step = int(jax.device_get(state.step))
   wall_s = writer.progress(stage, start_step).get("wall_s", 0.0) if start_step else 0.0
+  # A progress bar on a terminal; elsewhere (SLURM logs, `gcloud ... --worker=all`, files) one plain line per log
+  # point instead of a flood of carriage returns.
+  main = jax.process_index() == 0
+  plain = main and not sys.stderr.isatty()
   bar = tqdm(total=num_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, mininterval=1.0,
-             smoothing=0.1, disable=jax.process_index() != 0)
+             smoothing=0.1, disable=not main or plain)
   pending: list[tuple[int, dict]] = []
   last_time, last_step = time.perf_counter(), start_step
   with PreemptionWatch() as preemption:
@@ -115,6 +128,10 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
         writer.scalars(done, mean, stage)
         loss = mean.get("loss", mean.get("total_loss", float("nan")))
         bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")
+        if plain:
+          eta = (num_steps - done) / rate if rate > 0 else float("inf")
+          print(f"{stage} step {done}/{num_steps}  loss {loss:.4f}  {rate:.2f} steps/s  {rate * batch_size:.0f} img/s"
+                f"  ETA {_duration(eta)}", file=sys.stderr, flush=True)
       if save_due or preempted:
         ckpts.save(done, state, batches.get_state(), force=True)
         if os.environ.get(KILL_AFTER_SAVE_ENV) == str(done):
