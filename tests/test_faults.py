@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import flax
 import jax
@@ -283,3 +284,30 @@ def test_without_a_terminal_the_loop_logs_plain_lines(tmp_path, capsys):
   assert [line.split()[2] for line in lines] == ["2/4", "4/4"]
   assert all("loss 0.5000" in line and "img/s" in line and "ETA" in line for line in lines)
   assert lines[-1].endswith("ETA 0:00:00")
+
+
+def test_a_full_disk_during_an_async_save_is_one_line_and_background_noise_is_dropped(monkeypatch, capsys):
+  # What a full disk looks like here (seen with a 300 KB tmpfs workdir): Orbax's background threads log the error
+  # with tracebacks, TensorStore's late callbacks meet a closed event loop, and the main thread gets a ValueError.
+  import logging  # pylint: disable=g-import-not-at-top
+  enospc = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/diffusion/2.orbax-checkpoint-tmp/x\": "
+                      "Failed to write 360220 bytes to file 7: No space left on device [os_error_code='28']")
+
+  def main(argv):
+    del argv
+    record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/future.py", 1,
+                               "_SignalingThread.run() raised an exception", None, None)
+    logging.getLogger().handle(record)
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                             exc_traceback=None, err_msg=None, object=None))
+    raise enospc
+  monkeypatch.setattr(sys, "argv", ["encdiff-train"])
+  monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(main)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Event loop" not in err and "_SignalingThread" not in err
+  assert "No space left on device" in err and "The disk is full" in err and "checkpoint is intact" in err

@@ -50,6 +50,8 @@ def run(main: Callable) -> None:
   ends with `error: ...` and exit 2, and SIGINT/SIGTERM from the first line on end with one line (interrupts.py)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   interrupts.install()
+  if os.environ.get(VERBOSE_ENV, "") in ("", "0") and "--verbose" not in sys.argv:
+    _quiet_background_io_errors()
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, f"Full tracebacks instead of one-line errors (or {VERBOSE_ENV}=1).")
   try:
@@ -65,6 +67,35 @@ def run(main: Callable) -> None:
     sys.exit(2)
 
 
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_background_io_errors() -> None:
+  """Keeps a failed checkpoint write (a full disk, a lost mount) to the one line `run` prints.
+
+  Orbax writes in background threads: when a write fails, each thread logs the error with its traceback at ERROR
+  level, and TensorStore's callbacks that complete after Orbax closed its event loop each print 'RuntimeError:
+  Event loop is closed' (seen: 1,320 tracebacks before the error line for one full disk). The error itself is
+  raised in the main thread at the next save or at the end, and `run` prints it. --verbose keeps all of it.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+
+  class DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+      return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+  logging.getLogger().addFilter(DropOrbaxErrors())
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(DropOrbaxErrors())
+  logging.getLogger("absl").addFilter(DropOrbaxErrors())
+  previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, value, tb: (None if _is_closed_loop_error(value)
+                                           else previous_excepthook(kind, value, tb))
+  sys.unraisablehook = lambda unraisable: (None if _is_closed_loop_error(unraisable.exc_value)
+                                           else previous_unraisable(unraisable))
+
+
 def error_line(e: BaseException) -> str:
   """One line for the user: the message, and for a failed file operation the path and the cause."""
   if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
@@ -72,6 +103,10 @@ def error_line(e: BaseException) -> str:
     return (f"{e.strerror}{where}. Use a --workdir (or data directory) this process can write, or free the space, "
             "and run the same command again; nothing finished was lost.")
   message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  if "No space left on device" in message or "os_error_code='28'" in message:  # TensorStore's ENOSPC
+    message = (f"{message.split(' [tensorstore_spec=')[0]}. The disk is full: free space (or use another --workdir) "
+               "and run the same command again; the last finished checkpoint is intact (Orbax renames a save into "
+               "place only when it is complete)")
   if isinstance(e, AttributeError) and "Did you mean" in message:
     message = f"unknown config field {message}"
   return message or type(e).__name__
