@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
   """No usable checkpoint where one was asked for (a ValueError, so the command line prints it as one line)."""
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
   """`Type: first line` of an error, short enough for a one-line report."""
   text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)  # KeyError quotes itself
   text = (text.strip().splitlines() or [""])[0]
@@ -37,25 +37,33 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _quiet_late_reads() -> None:
-  """Keeps the late reads of a checkpoint that failed to read from printing tracebacks.
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
-  When one array of a checkpoint fails to read, Orbax's event loop ends with that error and closes while
-  TensorStore still completes the checkpoint's other reads; each of their callbacks then meets the closed loop,
-  and Python prints it as 'Exception ignored ... RuntimeError: Event loop is closed' on stderr, at random, after
-  the one-line report. Those reads are abandoned anyway, so such errors are dropped (installed once, from the
-  first failed read on; every other unraisable error still goes to the hook before).
+
+def quiet_closed_event_loop_errors() -> None:
+  """Drops the 'RuntimeError: Event loop is closed' that Orbax's abandoned I/O prints after a failed read or write.
+
+  When one array of a checkpoint fails to read or write, Orbax's event loop ends with that error and closes while
+  TensorStore still completes the checkpoint's other operations; each of their callbacks then meets the closed
+  loop, and Python prints it on stderr (as an unraisable error, or through sys.excepthook), at random, after the
+  one-line report (seen: 1,320 of them for one full disk). Those operations are abandoned anyway. Installed once
+  (from the first failed read on, and by the console scripts); every other error still goes to the hook before.
   """
-  previous = sys.unraisablehook
-  if getattr(previous, "quiet_late_reads", False):
+  if getattr(sys.unraisablehook, "quiet_closed_loop", False):
     return
+  previous_unraisable, previous_excepthook = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable: Any) -> None:
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
+  def unraisable_hook(unraisable: Any) -> None:
+    if not _is_closed_loop_error(unraisable.exc_value):
+      previous_unraisable(unraisable)
 
-  hook.quiet_late_reads = True
-  sys.unraisablehook = hook
+  def excepthook(kind, value, tb) -> None:
+    if not _is_closed_loop_error(value):
+      previous_excepthook(kind, value, tb)
+
+  unraisable_hook.quiet_closed_loop = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, excepthook
 
 
 def _say(message: str) -> None:
@@ -174,9 +182,9 @@ class StageCheckpoints:
     try:
       return read(step)
     except Exception as e:  # pylint: disable=broad-except
-      _quiet_late_reads()
+      quiet_closed_event_loop_errors()
       others = [s for s in steps if s != step]
-      raise CheckpointError(f"{prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {_first_line(e)}. "
+      raise CheckpointError(f"{prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {first_line(e)}. "
                             f"Other steps in {self.directory}: {others or 'none'}.") from e
 
   def _newest_readable(self, read: Callable[[int], Any], what: str) -> tuple[int, Any]:
@@ -187,8 +195,8 @@ class StageCheckpoints:
       try:
         value = read(step)
       except Exception as e:  # pylint: disable=broad-except  # whatever the damage, the step before may be whole
-        _quiet_late_reads()
-        failed.append((step, _first_line(e)))
+        quiet_closed_event_loop_errors()
+        failed.append((step, first_line(e)))
         continue
       self._fall_back(failed, step, prefix)
       return step, value
@@ -237,8 +245,7 @@ def restore_checkpoint(directory: str, template: Any, step: int | None = None, w
   Only reads: a missing or empty directory stays as it is, and an unreadable latest checkpoint is left in place.
   """
   label = f"{what} checkpoint" if what else "checkpoint"
-  ckpts = StageCheckpoints(directory, create=False)
-  try:
+  with StageCheckpoints(directory, create=False) as ckpts:
     steps = ckpts.all_steps()
     if not steps:
       raise FileNotFoundError(f"No {label} in {directory}: train the run first (experiments/train.py) or pass the "
@@ -246,5 +253,3 @@ def restore_checkpoint(directory: str, template: Any, step: int | None = None, w
     if step is not None and step not in steps:
       raise FileNotFoundError(f"No {label} at step {step} in {directory}; available steps: {sorted(steps)}.")
     return ckpts.restore(template, step, what)
-  finally:
-    ckpts.close()

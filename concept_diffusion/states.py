@@ -158,12 +158,13 @@ def restore_diffusion_state(config: ml_collections.ConfigDict, workdir: str,
   return restore_checkpoint(os.path.join(workdir, workdir_lib.DIFFUSION_DIR), abstract_state(model, tx), step, "diffusion")
 
 
-def restore_ae_params(config: ml_collections.ConfigDict, ckpts: StageCheckpoints, mesh: Mesh | None = None) -> Any:
-  """The autoencoder parameters of the latest readable first-stage checkpoint (sharded over `mesh` when given)."""
+def restore_first_stage_state(config: ml_collections.ConfigDict, ckpts: StageCheckpoints,
+                              mesh: Mesh | None = None) -> FirstStageState:
+  """The latest readable first-stage checkpoint (sharded over `mesh` when given)."""
   template = abstract_first_stage_state(config)
   if mesh is not None:
     template = parallel.with_shardings(template, first_stage_state_shardings(config, mesh))
-  return ckpts.restore(template, what="first_stage").ae_params
+  return ckpts.restore(template, what="first_stage")
 
 
 def restore_first_stage_params(config: ml_collections.ConfigDict, workdir: str) -> Any:
@@ -171,11 +172,8 @@ def restore_first_stage_params(config: ml_collections.ConfigDict, workdir: str) 
   if config.first_stage.kind == "none":
     return None
   # Only reads: a first_stage.checkpoint that points at the wrong directory must not gain an empty stage folder.
-  ckpts = StageCheckpoints(workdir_lib.first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
-                           create=False)
-  try:
+  with StageCheckpoints(workdir_lib.first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
+                        create=False) as ckpts:
     if ckpts.latest_step() is None:
       raise FileNotFoundError(f"No first-stage checkpoint in {ckpts.directory}.")
-    return restore_ae_params(config, ckpts)
-  finally:
-    ckpts.close()
+    return restore_first_stage_state(config, ckpts).ae_params

@@ -54,7 +54,6 @@ def image_grid(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, 
 
 def save_png(path: str, image: np.ndarray) -> None:
   """`image` (H, W, 3) uint8 as a PNG at `path`, atomically (a reader never sees a half-written figure)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with atomic_path(path) as tmp:
     Image.fromarray(np.asarray(image)).save(tmp)
 
@@ -71,7 +70,6 @@ def _pyplot_figure(path: str, **subplots_kwargs) -> Iterator[tuple]:
   try:
     yield fig, axes
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_path(path) as tmp:
       fig.savefig(tmp, dpi=100)
   finally:

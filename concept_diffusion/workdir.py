@@ -38,9 +38,10 @@ def atomic_path(path: str) -> Iterator[str]:
   otherwise. A reader never sees a half-written file, and an interrupted write leaves the previous one intact.
 
   The temporary name keeps the extension (savefig and np.save pick the format from it) and the directory (a rename
-  is atomic only within one filesystem).
+  is atomic only within one filesystem), whose folders are created.
   """
   directory, name = os.path.split(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   root, ext = os.path.splitext(name)
   tmp = os.path.join(directory, f".{root}.tmp-{os.getpid()}{ext}")
   try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 from typing import Any, Sequence
@@ -139,7 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if args.json_path:  # before the table, so a failed write leaves only its error line
     try:
-      os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
       write_json(args.json_path, _nan_to_none(summary), indent=2)
     except OSError as error:
       print(f"error: cannot write {args.json_path}: {error.strerror or error}", file=sys.stderr)

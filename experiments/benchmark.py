@@ -9,7 +9,6 @@ peak: published for TPUs/GPUs, measured by a large matmul on CPUs), XLA's memory
 DDIM time per image, encoder and input-pipeline images/s; with --profile_steps, where the step's time goes
 (concept_diffusion/tools/profiling.py). docs/performance.md explains the numbers.
 """
-import os
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -55,7 +54,6 @@ def _main(argv):
                          profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value)
   print(format_report(report))
   if _JSON.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
     write_json(_JSON.value, report, indent=2)
     print(f"wrote {_JSON.value}")
 

@@ -138,12 +138,9 @@ def _train_baseline_locked(config: ml_collections.ConfigDict, workdir: str, is_m
   mesh = parallel.make_mesh(config.mesh)
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 40)
-  ckpts = StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints,
-                           async_save=config.train.async_checkpoints)
-  try:  # closed on every exit: no background save is cut off
+  with StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints,
+                        async_save=config.train.async_checkpoints) as ckpts:  # closed on every exit
     state, trained = _train_stage(config, workdir, dataset, mesh, writer, rng, ckpts)
-  finally:
-    ckpts.close()
   state = parallel.fetch_to_host(state, mesh)
   step = int(state.step)
   if config.eval.final and is_main:

@@ -32,10 +32,9 @@ def encode_dataset(encode_fn: EncodeFn, params: Any, dataset: GroundTruthDataset
     raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}.")
   num = dataset.num_images
   step, fetch = make_encode_step(encode_fn, dataset)
-  with contextlib.ExitStack() as files:
-    # Written under a temporary name and renamed when complete: an interrupted pass never leaves a partial
-    # table behind for --from_codes to score, and the table of an earlier evaluation stays until then.
-    tmp_path = files.enter_context(atomic_path(out_path)) if out_path else None
+  # Written under a temporary name and renamed when complete: an interrupted pass never leaves a partial table
+  # behind for --from_codes to score, and the table of an earlier evaluation stays until then.
+  with atomic_path(out_path) if out_path else contextlib.nullcontext() as tmp_path:
     codes = None
     bar = tqdm(total=num, desc=f"encode {dataset.name}", unit="img", disable=not progress, mininterval=1.0)
     for start in range(0, num, batch_size):

@@ -788,7 +788,6 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray], global_step
   """Writes a state dict: `.ckpt`/`.pt`/`.pth` as torch.save({'state_dict', 'global_step'}) (needs torch),
   `.safetensors` with the step in its metadata, `.npz` with the step as an extra `global_step` array."""
   suffix = check_suffix(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {k: np.asarray(order="C", a=v) for k, v in state_dict.items()}
   if suffix == ".npz" and NPZ_STEP_KEY in arrays:
     raise ValueError(f"State dict already has a {NPZ_STEP_KEY!r} entry; it is reserved in .npz files.")

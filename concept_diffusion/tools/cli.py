@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from concept_diffusion import interrupts, workdir
+from concept_diffusion import checkpoint, interrupts, workdir
 
 # Errors that are the user's to fix (a bad value, a missing file, a busy workdir, an unreadable checkpoint, a
 # filesystem that refuses a write): one line, exit 2. --verbose (or CONCEPT_DIFFUSION_VERBOSE=1) re-raises them
@@ -50,7 +50,7 @@ def run(main: Callable) -> None:
   ends with `error: ...` and exit 2, and SIGINT/SIGTERM from the first line on end with one line (interrupts.py)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   interrupts.install()
-  if os.environ.get(VERBOSE_ENV, "") in ("", "0") and "--verbose" not in sys.argv:
+  if not _verbose_env() and "--verbose" not in sys.argv:
     _quiet_background_io_errors()
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, f"Full tracebacks instead of one-line errors (or {VERBOSE_ENV}=1).")
@@ -61,23 +61,23 @@ def run(main: Callable) -> None:
     print(str(e), file=sys.stderr)
     sys.exit(e.exit_code)
   except USER_ERRORS as e:
-    if os.environ.get(VERBOSE_ENV, "") not in ("", "0") or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose):
+    if _verbose_env() or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose):
       raise
     print(f"error: {error_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 
-def _is_closed_loop_error(error: BaseException | None) -> bool:
-  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+def _verbose_env() -> bool:
+  return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def _quiet_background_io_errors() -> None:
   """Keeps a failed checkpoint write (a full disk, a lost mount) to the one line `run` prints.
 
   Orbax writes in background threads: when a write fails, each thread logs the error with its traceback at ERROR
-  level, and TensorStore's callbacks that complete after Orbax closed its event loop each print 'RuntimeError:
-  Event loop is closed' (seen: 1,320 tracebacks before the error line for one full disk). The error itself is
-  raised in the main thread at the next save or at the end, and `run` prints it. --verbose keeps all of it.
+  level, and TensorStore's late callbacks meet a closed event loop (checkpoint.quiet_closed_event_loop_errors).
+  The error itself is raised in the main thread at the next save or at the end, and `run` prints it. --verbose
+  keeps all of it.
   """
   import logging  # pylint: disable=g-import-not-at-top
 
@@ -89,11 +89,7 @@ def _quiet_background_io_errors() -> None:
   for handler in logging.getLogger().handlers:
     handler.addFilter(DropOrbaxErrors())
   logging.getLogger("absl").addFilter(DropOrbaxErrors())
-  previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
-  sys.excepthook = lambda kind, value, tb: (None if _is_closed_loop_error(value)
-                                           else previous_excepthook(kind, value, tb))
-  sys.unraisablehook = lambda unraisable: (None if _is_closed_loop_error(unraisable.exc_value)
-                                           else previous_unraisable(unraisable))
+  checkpoint.quiet_closed_event_loop_errors()
 
 
 def error_line(e: BaseException) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from concept_diffusion import parallel, states
+from concept_diffusion.checkpoint import first_line
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model
 from concept_diffusion.train import diffusion_stage, first_stage
 
@@ -93,13 +94,13 @@ def lower_all(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     try:
       group_targets = targets(for_platform(config, group[0]), mesh)
     except Exception as e:  # pylint: disable=broad-except  (e.g. cuDNN attention cannot be traced without cuDNN)
-      results += [Result("model", p, False, 0.0, f"build: {_first_line(e)}") for p in group]
+      results += [Result("model", p, False, 0.0, f"build: {first_line(e)}") for p in group]
       continue
     for target in group_targets:
       try:
         traced = target.trace()
       except Exception as e:  # pylint: disable=broad-except  (a trace error is a result to report)
-        results += [Result(target.name, p, False, 0.0, f"trace: {_first_line(e)}") for p in group]
+        results += [Result(target.name, p, False, 0.0, f"trace: {first_line(e)}") for p in group]
         continue
       for platform in group:
         start = time.perf_counter()
@@ -107,13 +108,8 @@ def lower_all(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           traced.lower(lowering_platforms=(platform,))
           results.append(Result(target.name, platform, True, time.perf_counter() - start))
         except Exception as e:  # pylint: disable=broad-except
-          results.append(Result(target.name, platform, False, time.perf_counter() - start, _first_line(e)))
+          results.append(Result(target.name, platform, False, time.perf_counter() - start, first_line(e)))
   return results
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def format_results(results: Sequence[Result]) -> str:

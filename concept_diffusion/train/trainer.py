@@ -69,39 +69,31 @@ def _first_stage_params(config, workdir: str, dataset, writer: MetricWriter, rng
   if fs.kind == "none":
     return None
   # A first stage taken from another run is only read: its directory is neither created nor changed.
-  ckpts = StageCheckpoints(first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
-                           async_save=config.train.async_checkpoints, create="first_stage" in config.stages)
-  try:  # the manager is closed on every exit, so no background save is cut off and nothing else is reported
+  # The manager is closed on every exit, so no background save is cut off and nothing else is reported.
+  with StageCheckpoints(first_stage_dir(config, workdir), keep=config.train.keep_checkpoints,
+                        async_save=config.train.async_checkpoints, create="first_stage" in config.stages) as ckpts:
     return _train_first_stage(config, dataset, ckpts, writer, rng, mesh)
-  finally:
-    ckpts.close()
-
-
-def _restore_first_stage(config, ckpts: StageCheckpoints, mesh: Mesh) -> tuple[int, Any]:
-  """(step, ae_params) of the newest readable first-stage checkpoint."""
-  template = parallel.with_shardings(states.abstract_first_stage_state(config),
-                                     states.first_stage_state_shardings(config, mesh))
-  state = ckpts.restore(template, what="first_stage")
-  return int(jax.device_get(state.step)), state.ae_params
 
 
 def _train_first_stage(config, dataset, ckpts: StageCheckpoints, writer: MetricWriter, rng: jax.Array,
                        mesh: Mesh) -> Any:
   fs = config.first_stage
   if "first_stage" not in config.stages:
-    step, ae_params = _restore_first_stage(config, ckpts, mesh) if ckpts.latest_step() is not None else (None, None)
+    restored = states.restore_first_stage_state(config, ckpts, mesh) if ckpts.latest_step() is not None else None
+    step = None if restored is None else int(jax.device_get(restored.step))
     if step is None or step < fs.num_steps:
       raise FileNotFoundError(
           f"No finished first-stage checkpoint in {ckpts.directory} (need step >= "
           f"first_stage.num_steps={fs.num_steps}, found {step}). Add 'first_stage' to "
           "config.stages to train it, or point first_stage.checkpoint at a workdir that has one.")
-    return ae_params
+    return restored.ae_params
   latest = ckpts.latest_step() or 0
   if latest >= fs.num_steps and latest > 0:
-    step, ae_params = _restore_first_stage(config, ckpts, mesh)
+    restored = states.restore_first_stage_state(config, ckpts, mesh)
+    step = int(jax.device_get(restored.step))
     if step >= fs.num_steps:
       _say(f"first_stage: finished at step {step}; skipping.")
-      return ae_params
+      return restored.ae_params
     latest = step  # the finished checkpoint was unreadable: train on from the newest readable one
   shardings = states.first_stage_state_shardings(config, mesh)
   pipeline = make_pipeline(config, dataset, fs.batch_size, config.seed, mesh, "first_stage.batch_size")
@@ -123,13 +115,10 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
   """The trained (or resumed, or restored) state, and whether any step ran in this call."""
   tc = config.train
   tx, train_step = diffusion_stage.step_for_config(config, model, mesh)
-  ckpts = StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints,
-                           async_save=tc.async_checkpoints)
-  try:
+  with StageCheckpoints(os.path.join(workdir, DIFFUSION_DIR), keep=tc.keep_checkpoints,
+                        async_save=tc.async_checkpoints) as ckpts:
     return _train_diffusion(config, workdir, dataset, model, ae_params, writer, rng, mesh, hooks, tx, train_step,
                             ckpts)
-  finally:
-    ckpts.close()
 
 
 def _train_diffusion(config, workdir: str, dataset, model: EncDiff, ae_params: Any, writer: MetricWriter,
