@@ -112,7 +112,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # convolutions as matmuls on CPU (XLA:CPU's conv is 10-25x slower there), XLA's conv elsewhere | xla | matmul.
   unet.conv_impl = "auto"
   # Attention whose probabilities are not being captured. auto: einsum on CPU (normalises the small output, not
-  # the probabilities), xla elsewhere | xla / cudnn (jax.nn.dot_product_attention's implementations) | einsum.
+  # the probabilities); on a CUDA GPU cuDNN's fused flash attention when the compute dtype is bf16/fp16 (and XLA's
+  # if this host's cuDNN cannot run it); xla elsewhere | xla / cudnn (jax.nn.dot_product_attention's
+  # implementations) | einsum. The cross-attention whose maps are captured always computes them explicitly.
   unet.attention_impl = "auto"
   # Recompute ResBlock/SpatialTransformer activations in the backward pass (memory for ~20% more FLOPs), for large
   # batches on GPU/TPU. Leave it off on CPU: XLA:CPU schedules the recomputation early and the memory does not drop.
@@ -144,7 +146,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.01  # torch AdamW default
   train.ema_decay = 0.9999  # UNet only (paper: "all model parameters"; code: LitEma(self.model))
   train.scale_by_std = True  # scale_factor = 1/std(first batch latents)
-  train.compute_dtype = "float32"  # float32 (official) | bfloat16 (TPU/GPU); parameters stay float32
+  # float32 (official) | bfloat16 | auto: bfloat16 where the hardware has it (TPUs, GPUs from Ampere on, CPUs with
+  # AVX512-BF16 or AMX; hardware.native_bf16), float32 elsewhere. Only the UNet computes in it: parameters, optimiser
+  # state, normalisation statistics, softmax and the loss stay float32. The accelerator recipes use auto.
+  train.compute_dtype = "float32"
   train.num_steps = 40_000  # ~10 epochs of 480k at bs 128: where [fork] saw Shapes3D metrics saturate
   train.log_every = 100
   train.checkpoint_every = 2_000
@@ -312,7 +317,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.diffusion.get("timestep_logit_std", 1.0) > 0, "diffusion.timestep_logit_std must be > 0"),
       (config.eval.get("token_reliance_images", 0) >= 0 and config.eval.get("token_reliance_bands", 5) >= 1,
        "eval.token_reliance_images must be >= 0 (0 = off) and eval.token_reliance_bands >= 1"),
-      (config.train.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype must be float32 or bfloat16"),
+      (config.train.compute_dtype in ("float32", "bfloat16", "auto"),
+       "train.compute_dtype must be float32, bfloat16 or auto"),
       (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
       (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
        "stages must be a non-empty subset of ('first_stage', 'diffusion')"),

@@ -88,3 +88,46 @@ def test_remat_unet_has_the_same_parameters_outputs_and_gradients():
   (want, want_grads), (got, got_grads) = loss(plain)(params), loss(remat)(params)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads, want_grads)
+
+
+def test_auto_attention_tries_cudnn_on_a_gpu_in_16_bit_and_falls_back_to_xla(monkeypatch):
+  """On a GPU, auto asks for cuDNN's fused kernel when it fits (bf16/fp16, head size a multiple of 8) and takes
+  XLA's attention where this host's cuDNN cannot run it (here: none at all), with the same values."""
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    asked.append(implementation)
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 16, 4, 8))
+  expected = kernels.attention(q, k, v, 8 ** -0.5, "einsum")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  bf16 = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+  out = kernels.attention(*bf16, 8 ** -0.5, "auto")
+  assert asked == ["cudnn", "xla"]
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=0.05)
+  asked.clear()
+  kernels.attention(q, k, v, 8 ** -0.5, "auto")  # float32: cuDNN's flash attention does not take it
+  kernels.attention(*(t[..., :6] for t in bf16), 6 ** -0.5, "auto")  # head size 6: not a multiple of 8
+  assert asked == ["xla", "xla"]
+
+
+@pytest.mark.parametrize("backend,flags,expected", [
+    ("cpu", {"avx512f", "avx512_bf16"}, "bfloat16"),
+    ("cpu", {"avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),
+    ("cpu", {"avx2", "avx512f"}, "float32"),
+    ("tpu", set(), "bfloat16"),
+    ("cuda", set(), "bfloat16"),  # no GPU on this host: lowering for one assumes a current data-centre GPU
+    ("metal", set(), "float32"),
+])
+def test_auto_compute_dtype_follows_the_hardware(monkeypatch, backend, flags, expected):
+  from concept_diffusion import hardware  # pylint: disable=g-import-not-at-top
+  from concept_diffusion.models.encdiff import compute_dtype_name  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+  config = smoke.get_config()
+  assert compute_dtype_name(config, backend) == "float32"  # an explicit dtype is never replaced
+  config.train.compute_dtype = "auto"
+  validate_config(config)
+  assert compute_dtype_name(config, backend) == expected

@@ -6,7 +6,6 @@ same config compile once. Meshes and sharding rules: tests/test_meshes.py.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -83,26 +82,17 @@ def _leaves(tree):
 
 # --- multi-process -----------------------------------------------------------------------------------------------
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path, cache_dir, pixel_config_path):
   single = str(tmp_path / "single")
   proc = _train(pixel_config_path, single, subprocess_env(cache_dir, 8))
   assert proc.returncode == 0, proc.stderr[-3000:]
   multi = str(tmp_path / "multi")
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _train_cmd(pixel_config_path, multi, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-      cwd=REPO, env=subprocess_env(cache_dir, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-  outputs = [p.communicate(timeout=900) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert "mesh: {'data': 8, 'fsdp': 1} over 8 cpu device(s), 2 process(es)" in outputs[0][0]
+  # Through the local launcher (experiments/launch.py): two pinned, single-threaded processes of 4 devices each.
+  launcher = [sys.executable, os.path.join(REPO, "experiments", "launch.py"), "--processes=2", "--"]
+  proc = subprocess.run(launcher + _train_cmd(pixel_config_path, multi), cwd=REPO, env=subprocess_env(cache_dir, 4),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh: {'data': 8, 'fsdp': 1} over 8 cpu device(s), 2 process(es)" in proc.stdout
   a, _ = _final_state(single)
   b, _ = _final_state(multi)
   assert int(a.step) == int(b.step) == 6
@@ -267,3 +257,30 @@ def test_pipeline_epochs_are_permutations_of_the_whole_dataset():
   assert sorted(epoch) == list(range(60))
   assert not np.array_equal(np.concatenate([pipeline.indices(s) for s in range(10, 20)]), epoch)
   np.testing.assert_array_equal(parallel.process_rows(pipeline.sharding, 6), np.arange(6))
+
+
+def test_launcher_pins_one_core_each_and_stops_the_others_when_one_fails(tmp_path):
+  """The launcher's own contract, with a stand-in command (tools/launch.py): each process gets its distributed
+  flags, its own core and single-threaded XLA; a failing process ends the run with its code and the processes
+  still waiting (in a collective, in a real run) are stopped instead of hanging."""
+  from concept_diffusion.tools import launch  # pylint: disable=g-import-not-at-top
+  assert launch.core_sets(2, [0, 1]) == [{0}, {1}]
+  assert launch.core_sets(2, [0, 1, 2, 3, 4]) == [{0, 1, 2}, {3, 4}]
+  assert launch.core_sets(3, [5]) == [{5}, {5}, {5}]
+  report = tmp_path / "report"
+  script = (f"import os, sys, json; pid = sys.argv[-1].split('=')[1]; "
+            f"open(r'{report}' + pid, 'w').write(json.dumps([sys.argv[1:], sorted(os.sched_getaffinity(0)), "
+            f"os.environ['XLA_FLAGS']]))")
+  assert launch.launch([sys.executable, "-c", script], 2, env=dict(os.environ, XLA_FLAGS="--keep_me")) == 0
+  cores = sorted(os.sched_getaffinity(0))
+  for i in (0, 1):
+    argv, affinity, xla_flags = json.loads((tmp_path / f"report{i}").read_text())
+    assert argv[1:] == ["--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+    assert argv[0].startswith("--config.distributed.coordinator_address=127.0.0.1:")
+    assert affinity == sorted(launch.core_sets(2, cores)[i])
+    assert xla_flags == "--keep_me " + launch.SINGLE_THREAD_XLA_FLAGS
+  # Process 1 fails at once; process 0 would sleep for 10 minutes.
+  hang_or_fail = "import sys, time; sys.exit(7) if sys.argv[-1].endswith('=1') else time.sleep(600)"
+  start = time.monotonic()
+  assert launch.launch([sys.executable, "-c", hang_or_fail], 2, grace_s=5) == 7
+  assert time.monotonic() - start < 60

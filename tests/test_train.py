@@ -59,8 +59,11 @@ def test_train_writes_the_workdir_contract(trained):
   diffusion = [r for r in records if r["stage"] == "diffusion"]
   assert [r["step"] for r in diffusion] == list(range(config.train.log_every, config.train.num_steps + 1,
                                                       config.train.log_every))
-  for key in ("loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "images_per_s"):
+  for key in ("loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "images_per_s", "mfu"):
     assert np.isfinite(diffusion[-1][key])
+  # The compiled step's FLOPs at the logged rate over this CPU's measured peak: a fraction, never above one.
+  assert 0 < diffusion[-1]["mfu"] < 1
+  assert diffusion[-1]["images_per_s"] == pytest.approx(diffusion[-1]["steps_per_s"] * config.train.batch_size)
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   for name in ("loss_curves.png", "reconstructions.png", "swap_grid.png", "attention_maps.png", "traversals.png",
                "samples.png", "dci_importance.png", "metrics.png"):

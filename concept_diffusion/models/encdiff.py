@@ -30,12 +30,22 @@ import ml_collections
 
 from concept_diffusion.diffusion import (Schedule, ddim_sample, ddim_timesteps, make_schedule, noise_loss, q_sample,
                                          sample_timesteps)
+from concept_diffusion import hardware
 from concept_diffusion.models import autoencoder
 from concept_diffusion.models.conditioning import CONDITIONINGS, TokenRoutes, register_conditioning  # noqa: F401
 from concept_diffusion.models.encoder import build_encoder
 from concept_diffusion.models.unet import UNet, build_unet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype_name(config: ml_collections.ConfigDict, backend: str | None = None) -> str:
+  """train.compute_dtype with "auto" resolved for `backend` (default: JAX's): bfloat16 where the hardware runs it
+  natively (hardware.native_bf16), float32 elsewhere."""
+  name = config.train.compute_dtype
+  if name != "auto":
+    return name
+  return "bfloat16" if hardware.native_bf16(backend or jax.default_backend()) else "float32"
 
 # name -> build(config) -> Linen module. An encoder maps images (B, H, W, C) in [-1, 1] to (scalars (B, N),
 # tokens (B, N, token_dim)) when called as `apply(variables, images, train=...)` and has a `tokens(scalars)`
@@ -290,7 +300,7 @@ def build_model(config: ml_collections.ConfigDict) -> EncDiff:
     latent_shape = tuple(out.shape[1:])
   diff = config.diffusion
   one_shot = diff.objective == "one_shot"
-  unet = build_unet(config.unet, latent_shape[-1], COMPUTE_DTYPES[config.train.compute_dtype],
+  unet = build_unet(config.unet, latent_shape[-1], COMPUTE_DTYPES[compute_dtype_name(config)],
                     learned_input=one_shot)
   return EncDiff(encoder=ENCODERS[config.encoder.kind](config), unet=unet, first_stage=first_stage,
                  schedule=make_schedule(diff), image_shape=image_shape, latent_shape=latent_shape,

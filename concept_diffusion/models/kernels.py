@@ -69,13 +69,25 @@ def _im2col(x: jax.Array, k: int, s: int, pads) -> jax.Array:
   return jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
 
 
+def _cudnn_fits(q: jax.Array) -> bool:
+  """cuDNN's fused (flash) attention: on a CUDA GPU, 16-bit inputs and a head size that is a multiple of 8 up to
+  128 (jax.nn.dot_product_attention's checks); otherwise XLA's attention is the one that runs."""
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, impl: str = "auto") -> jax.Array:
   """softmax(q k^T * scale) v over (B, T, heads, dim) inputs, without materialising the normalised probabilities
   where the implementation allows. Use the explicit softmax when the probabilities themselves are wanted."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}.")
-  if impl == "auto" and not _on_cpu():  # JAX picks (today XLA's; cuDNN's fused kernel only when asked for)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+  if impl == "auto" and not _on_cpu():
+    impl = "cudnn" if _cudnn_fits(q) else "xla"
+    if impl == "cudnn":
+      try:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+      except (RuntimeError, ValueError, NotImplementedError):
+        impl = "xla"  # no cuDNN (or too old) on this host: the fused kernel is an optimisation, not a requirement
   if impl in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
   # Scale the (small) queries, not the logits; normalise the (small) output, not the probabilities. The max is a

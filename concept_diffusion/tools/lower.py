@@ -19,7 +19,7 @@ import ml_collections
 
 from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import first_line
-from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model
+from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
 from concept_diffusion.train import diffusion_stage, first_stage
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -72,8 +72,10 @@ def targets(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[
 
 def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
   """The config as that platform would run it: the "auto" kernels resolve by the backend at trace time, which here
-  is the CPU, so for an accelerator they are set to what "auto" picks there (XLA's convolution and attention)."""
+  is the CPU, so for an accelerator they are set to what "auto" picks there (XLA's convolution and attention), and
+  train.compute_dtype="auto" to that platform's dtype."""
   config = ml_collections.ConfigDict(config.to_dict())
+  config.train.compute_dtype = compute_dtype_name(config, platform)
   if platform != "cpu":
     for field in ("conv_impl", "attention_impl"):
       if config.unet[field] == "auto":

@@ -153,3 +153,33 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
   """Median and 90th percentile in milliseconds."""
   arr = np.asarray(times, np.float64) * 1e3
   return {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90))}
+
+
+class LoopMfu:
+  """MFU of a training loop's step, for its log records: the compiled step's FLOPs (`step.flops_per_step`, all
+  devices, known once the step has run) at the measured steps/s, over the devices' peak. The peak is published
+  for TPUs/GPUs; on a CPU it is the best of a few 1024^3 matmuls, measured once per process at the first log
+  point (the benchmark's 2048^3 measurement is steadier; this one must cost a training run ~0.1 s)."""
+
+  def __init__(self, step: Any, dtype: str):
+    self.step, self.dtype = step, dtype
+    self._peak: float | None = None
+    self._measured = False
+
+  def peak_flops(self) -> float | None:
+    """All devices of the run: per-device peak x devices (x processes on CPU, whose fake devices share cores)."""
+    if not self._measured:
+      self._measured = True
+      device = jax.local_devices()[0]
+      if device.platform == "cpu":
+        self._peak = measure_matmul_peak(self.dtype, size=1024, repeats=5, device=device) * jax.process_count()
+      else:
+        peak = published_peak_flops(device.device_kind, self.dtype)
+        self._peak = None if peak is None else peak * jax.device_count()
+    return self._peak
+
+  def __call__(self, steps_per_s: float) -> float | None:
+    flops = getattr(self.step, "flops_per_step", None)
+    if flops is None or steps_per_s <= 0:
+      return None
+    return mfu(flops, 1.0 / steps_per_s, self.peak_flops())

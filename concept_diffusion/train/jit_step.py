@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from concept_diffusion import parallel
+from concept_diffusion.tools import perf
 
 
 def all_finite(metrics: dict[str, jax.Array]) -> jax.Array:
@@ -40,12 +41,58 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, input_sh
   """jit(guard_nonfinite(step_fn)) with the state sharded by rule, the batch over all devices, state donated.
 
   `input_shardings` are those of the arguments between the images and the RNG (e.g. frozen autoencoder
-  parameters); the RNG and the metrics are replicated.
+  parameters); the RNG and the metrics are replicated. The step is traced on the mesh, so the model's activation
+  constraints (`parallel.shard_batch`) apply.
   """
   replicated = parallel.replicated(mesh)
-  return jax.jit(guard_nonfinite(step_fn),
-                 in_shardings=(state_shardings, parallel.batch_sharding(mesh), *input_shardings, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return TrainStep(jax.jit(parallel.traced_on(mesh, guard_nonfinite(step_fn)),
+                           in_shardings=(state_shardings, parallel.batch_sharding(mesh), *input_shardings, replicated),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0), mesh.size)
+
+
+class TrainStep:
+  """A jitted train step that is compiled ahead of time on its first call, so that XLA's count of the compiled
+  program's FLOPs (`flops_per_step`, all devices) is known to the loop's MFU without a second compile.
+
+  `lower`/`trace` are the jitted function's (what the benchmark and experiments/lower.py use). A call whose
+  arguments do not fit the first call's shapes or shardings goes through jit as usual.
+  """
+
+  def __init__(self, jitted: Callable, num_devices: int):
+    self.jitted, self.num_devices = jitted, num_devices
+    self.compiled = None
+    self.flops_per_step: float | None = None
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.jitted, name)
+
+  def __call__(self, *args):
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(*args).compile()
+      per_device = perf.compiled_flops(self.compiled)  # SPMD: the compiled program is one device's share
+      self.flops_per_step = None if per_device is None else per_device * self.num_devices
+    try:
+      return self.compiled(*args)
+    except (TypeError, ValueError):  # raised before execution (nothing donated yet): another signature
+      return self.jitted(*args)
+
+  def bind(self, *inputs) -> Callable:
+    """step(state, images, rng) = self(state, images, *inputs, rng) (frozen inputs such as the autoencoder's
+    parameters), keeping `flops_per_step` readable."""
+    return _BoundStep(self, inputs)
+
+
+class _BoundStep:
+
+  def __init__(self, step: TrainStep, inputs: tuple):
+    self.step, self.inputs = step, inputs
+
+  @property
+  def flops_per_step(self) -> float | None:
+    return self.step.flops_per_step
+
+  def __call__(self, state, images, rng):
+    return self.step(state, images, *self.inputs, rng)
 
 
 def create_sharded(create_fn: Callable[[jax.Array], Any], rng: jax.Array, shardings: Any) -> Any:

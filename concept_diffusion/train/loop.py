@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from concept_diffusion import interrupts
 from concept_diffusion.checkpoint import StageCheckpoints
+from concept_diffusion.tools import perf
 from concept_diffusion.workdir import MetricWriter
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
@@ -72,7 +73,7 @@ def _duration(seconds: float) -> str:
 
 def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches: Iterator[jax.Array],
              rng: jax.Array, ckpts: StageCheckpoints, writer: MetricWriter, log_every: int, checkpoint_every: int,
-             batch_size: int, on_nonfinite: str = "stop",
+             batch_size: int, on_nonfinite: str = "stop", compute_dtype: str = "float32",
              hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = ()) -> Any:
   """Runs steps [state.step, num_steps); returns the final state (checkpointed, saves finished).
 
@@ -85,7 +86,9 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
   `interrupts.Interrupted` with the saved step.
   Each hook `(every, fn)` runs as fn(step, state) after every `every` steps; those steps are logged too.
   Every log record carries `images_seen` and `wall_s`: the stage's training seconds (compilation and checkpoint
-  writes included, hooks such as evaluation excluded), continued across resumed invocations.
+  writes included, hooks such as evaluation excluded), continued across resumed invocations; `images_per_s`, and
+  `mfu` where the step reports its FLOPs (a jit_step.TrainStep) and the device's peak for `compute_dtype` is
+  known (perf.LoopMfu). The first record's rate includes the compilation.
   """
   start_step = int(jax.device_get(state.step))
   wall_s = writer.progress(stage, start_step).get("wall_s", 0.0) if start_step else 0.0
@@ -96,6 +99,7 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
   bar = tqdm(total=num_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, mininterval=1.0,
              smoothing=0.1, disable=not main or plain)
   pending: list[tuple[int, dict]] = []
+  loop_mfu = perf.LoopMfu(step_fn, compute_dtype)
   last_time, last_step = time.perf_counter(), start_step
   with PreemptionWatch() as preemption:
     for step in range(start_step, num_steps):
@@ -125,6 +129,9 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
         mean.update(steps_per_s=rate, images_per_s=rate * batch_size,
                     nonfinite_steps=float(jax.device_get(state.nonfinite_steps)), images_seen=done * batch_size,
                     wall_s=wall_s)
+        utilisation = loop_mfu(rate)
+        if utilisation is not None:
+          mean["mfu"] = utilisation
         writer.scalars(done, mean, stage)
         loss = mean.get("loss", mean.get("total_loss", float("nan")))
         bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", img_s=f"{rate * batch_size:.0f}")

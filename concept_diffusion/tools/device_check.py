@@ -1,0 +1,129 @@
+"""One call that measures whatever accelerator JAX sees (experiments/device_check.py).
+
+Four checks, each recorded as passed or with its first error line (a failed check never stops the others):
+lowering of every function for the devices' own platform on the benchmark config; a short smoke training in a
+temporary workdir (loss, images/s, MFU from its metrics.jsonl); the benchmark config's train step at each batch
+size in each compute dtype (tools/benchmark.py: img/s, MFU, memory, compile time); DDIM sampling at the first
+batch size. The report is one JSON and one Markdown table, so that the numbers go into the README as they are.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform as host_platform
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+
+from concept_diffusion import parallel
+from concept_diffusion.checkpoint import first_line
+from concept_diffusion.tools import benchmark, lower
+
+
+def _check(report: dict[str, Any], name: str, fn: Callable[[], Any], say: Callable[[str], None]) -> Any:
+  start = time.perf_counter()
+  say(f"[{name}] ...")
+  try:
+    result = fn()
+    entry = {"ok": True}
+  except Exception as e:  # pylint: disable=broad-except  (a failed check is a result; the others still run)
+    result, entry = None, {"ok": False, "error": first_line(e), "traceback": traceback.format_exc(limit=8)}
+  entry["seconds"] = round(time.perf_counter() - start, 1)
+  report["checks"][name] = entry
+  say(f"[{name}] {'ok' if entry['ok'] else 'FAILED: ' + entry['error']} ({entry['seconds']} s)")
+  return result
+
+
+def _lowering(config: ml_collections.ConfigDict, platform: str) -> list[dict[str, Any]]:
+  results = lower.lower_all(config, parallel.make_mesh(config.mesh), [platform])
+  failed = [r for r in results if not r.ok]
+  if failed:
+    raise RuntimeError("; ".join(f"{r.target}: {r.error}" for r in failed))
+  return [{"target": r.target, "seconds": round(r.seconds, 2)} for r in results]
+
+
+def _smoke_training(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
+  from concept_diffusion.train import trainer  # pylint: disable=g-import-not-at-top  (imports the data stack)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.num_steps = steps
+  config.train.log_every = max(1, steps // 5)
+  config.eval.final = False
+  config.eval.every = 0
+  config.train.figure_every = 0
+  with tempfile.TemporaryDirectory(prefix="device_check_") as workdir:
+    start = time.perf_counter()
+    trainer.train(config, workdir)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      records = [json.loads(line) for line in f if line.strip()]
+  last = [r for r in records if r.get("stage") == "diffusion"][-1]
+  return {"steps": steps, "wall_s": round(seconds, 1), "loss": last["loss"], "images_per_s": last["images_per_s"],
+          "mfu": last.get("mfu")}
+
+
+def run_device_check(benchmark_config: ml_collections.ConfigDict, smoke_config: ml_collections.ConfigDict, *,
+                     batch_sizes: Sequence[int] = (32, 128, 256), dtypes: Sequence[str] = ("float32", "bfloat16"),
+                     train_steps: int = 50, bench_steps: int = 10, sample_steps: int = 200,
+                     say: Callable[[str], None] = print) -> dict[str, Any]:
+  """The report (see the module docstring); `report["ok"]` is whether every check passed."""
+  devices = jax.devices()
+  report: dict[str, Any] = {
+      "date": datetime.date.today().isoformat(), "host": host_platform.node(),
+      "platform": devices[0].platform, "device_kind": devices[0].device_kind, "num_devices": len(devices),
+      "jax_version": jax.__version__, "config": benchmark_config.name, "checks": {}, "benchmark": [],
+  }
+  platform = "cuda" if devices[0].platform == "gpu" else devices[0].platform
+  report["lowering"] = _check(report, f"lowering ({platform})", lambda: _lowering(benchmark_config, platform), say)
+  report["smoke_training"] = _check(report, f"smoke training ({train_steps} steps)",
+                                    lambda: _smoke_training(smoke_config, train_steps), say)
+  for dtype in dtypes:
+    config = ml_collections.ConfigDict(benchmark_config.to_dict())
+    config.train.compute_dtype = dtype
+    for i, batch_size in enumerate(batch_sizes):
+      # DDIM once per dtype, at the first batch size: the sampler's compile is the slow part of a short check.
+      steps = sample_steps if i == 0 else 0
+      result = _check(report, f"benchmark {dtype} batch {batch_size}", lambda: benchmark.run_benchmark(
+          config, [batch_size], steps=bench_steps, warmup=2, sample_steps=steps, encode_batches=2,
+          pipeline_batches=0, with_first_stage=False, count_remat_warnings=False), say)
+      if result is not None:
+        row = result["results"][0]
+        report["benchmark"].append({
+            "compute_dtype": dtype, "batch_size": batch_size, "train_step_ms": row["train_step_ms"],
+            "images_per_s": row["images_per_s"], "mfu": row["mfu"], "memory_bytes": row["memory_bytes"],
+            "peak_device_memory_bytes": row["peak_device_memory_bytes"], "compile_s": row["compile_s"],
+            "sample_steps": row["sample_steps"], "sample_ms_per_image": row["sample_ms_per_image"],
+            "encode_images_per_s": row["encode_images_per_s"], "peak_source": result["peak_source"]})
+  report["ok"] = all(c["ok"] for c in report["checks"].values())
+  return report
+
+
+def _num(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+  return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+  """The report as Markdown: what ran where, one row per (dtype, batch size), then each check's outcome."""
+  lines = [f"Device check, {report['date']}: {report['num_devices']} x {report['device_kind']} "
+           f"({report['platform']}), JAX {report['jax_version']}, config `{report['config']}`.", ""]
+  smoke = report.get("smoke_training")
+  if smoke:
+    lines += [f"Smoke training: {smoke['steps']} steps in {smoke['wall_s']} s (compilation included), final loss "
+              f"{smoke['loss']:.4f}, {smoke['images_per_s']:.0f} img/s at the last log point.", ""]
+  lines += ["| dtype | batch | step ms | img/s | MFU | memory GB (XLA plan) | peak GB | compile s | DDIM ms/img |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in report["benchmark"]:
+    ddim = f"{_num(r['sample_ms_per_image'], 1, 2)} ({r['sample_steps']} steps)" if r["sample_steps"] else "-"
+    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    lines.append(f"| {r['compute_dtype']} | {r['batch_size']} | {_num(r['train_step_ms'])} | "
+                 f"{_num(r['images_per_s'], 1, 0)} | {mfu} | {_num(r['memory_bytes'], 1e9, 2)} | "
+                 f"{_num(r['peak_device_memory_bytes'], 1e9, 2)} | {_num(r['compile_s'])} | {ddim} |")
+  lines += ["", "| check | result | seconds |", "|---|---|---:|"]
+  for name, c in report["checks"].items():
+    outcome = "ok" if c["ok"] else "FAILED: " + c["error"].replace("|", "\\|")
+    lines.append(f"| {name} | {outcome} | {c['seconds']} |")
+  return "\n".join(lines) + "\n"
