@@ -10,6 +10,9 @@ A checkpoint can still be damaged afterwards (a disk error, a file truncated or 
 latest checkpoint then falls back to the newest one that reads, with a warning per unreadable step; a writing
 manager also renames each unreadable newer step to `<step>.unreadable`, so that training can save that step again.
 Nothing is ever deleted because it failed to read.
+
+The directory may be remote (gs://bucket/run/diffusion): Orbax is given the URL unchanged (TensorStore writes the
+arrays with its own GCS driver, etils.epath the rest), and the renames below go through epath.
 """
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ import os
 import sys
 from typing import Any, Callable
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
+
+from concept_diffusion import workdir as workdir_lib
 
 
 class CheckpointError(ValueError):
@@ -90,7 +96,7 @@ class StageCheckpoints:
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True, create: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.absolute(directory)  # a URL stays one
     self._writes = create
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=create)
@@ -132,7 +138,7 @@ class StageCheckpoints:
 
   def restore_data_state(self, step: int) -> dict | None:
     """The input pipeline's state saved with `step` (None for checkpoints written without one, e.g. imports)."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+    if not (epath.Path(self.directory) / str(step) / "data").is_dir():
       return None
     return dict(self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
 
@@ -232,10 +238,10 @@ class StageCheckpoints:
   def _move_aside(self, step: int) -> str:
     path = self._step_path(step)
     target, n = f"{path}.unreadable", 0
-    while os.path.exists(target):
+    while epath.Path(target).exists():
       n += 1
       target = f"{path}.unreadable-{n}"
-    os.rename(path, target)
+    epath.Path(path).rename(target)  # remote: a copy and a delete (an object store has no rename)
     return target
 
 

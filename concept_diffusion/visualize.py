@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
 from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_history, eval_path, eval_steps, figure_path,
-                                       read_metrics)
+                                       load_npy, read_metrics)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -254,7 +254,7 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
 
   code_steps = eval_steps(workdir, "codes")
   if code_steps:
-    codes = np.load(eval_path(workdir, "codes", code_steps[-1]), mmap_mode="r")
+    codes = load_npy(eval_path(workdir, "codes", code_steps[-1]), mmap_mode="r")
     codes = np.asarray(codes[np.linspace(0, len(codes) - 1, min(len(codes), 20000)).astype(int)])
   else:
     codes = np.asarray(model.encode(state, images))

@@ -6,18 +6,39 @@
   W/tensorboard/           event files                          W/figures/*.png      figures
   W/eval/metrics_<step>.json, W/eval/codes_<step>.npy           an evaluation's scores and the code table behind them
   W/lock.json              while a training runs: its host, pid and start time (one training per workdir)
+
+W may be a local path or a URL of a remote filesystem (gs://bucket/run; any scheme etils.epath knows). Every file
+of a run is read and written through `etils.epath` (Orbax too: it is given the URL unchanged), so a remote workdir
+lands in the bucket and never on local disk; only temporary files of the process go to the local temporary
+directory (tempfile.gettempdir(), i.e. $TMPDIR). What differs on remote storage, and why:
+  * Replacing a file (atomic_path): locally a temporary name beside the file, renamed onto it. Remotely the file is
+    written locally and uploaded to its final name: an object store publishes an object only once its upload is
+    complete, whole, replacing the previous one in one step (GCS: a simple or resumable upload, which gcsfs
+    finalises on close), which is what the rename gives locally; GCS has no rename (gcsfs's mv is a copy + delete:
+    twice the bytes, and a moment with both or neither).
+  * Appending (metrics.jsonl): object stores cannot append, and gcsfs silently opens mode "a" as "w" (it would
+    truncate the file). A remote metrics.jsonl is read, extended and written whole at each log point.
+  * The lock (lock.json): O_EXCL does not exist remotely; see workdir_lock for what is done instead and its race.
+  * TensorBoard: tensorboardX's event files go through epath too (see _EpathEventFile).
+  * Arrays read with a memory map (the code table) are read whole from a remote file (load_npy).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
+import threading
+import time
 from typing import Any, Iterator, Mapping
 
+from etils import epath
 import ml_collections
 import numpy as np
 
@@ -32,14 +53,51 @@ CONFIG_FILE, METRICS_FILE, LOCK_FILE = "config.json", "metrics.jsonl", "lock.jso
 EVAL_FILE_SUFFIXES = {"metrics": ".json", "codes": ".npy"}
 
 
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """A temporary name beside `path` to write to; renamed onto `path` when the block ends without an error, removed
-  otherwise. A reader never sees a half-written file, and an interrupted write leaves the previous one intact.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-  The temporary name keeps the extension (savefig and np.save pick the format from it) and the directory (a rename
-  is atomic only within one filesystem), whose folders are created.
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (gs://bucket/run, s3://...) rather than a local path."""
+  return bool(_URL.match(os.fspath(path)))
+
+
+def absolute(path: str | os.PathLike) -> str:
+  """A local path made absolute, a URL unchanged (os.path.abspath would turn gs://b/x into <cwd>/gs:/b/x)."""
+  return os.fspath(path) if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  return epath.Path(path).exists()
+
+
+def read_text(path: str | os.PathLike) -> str:
+  return epath.Path(path).read_text(encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+  """A temporary local file name to write `path`'s content to; moved onto `path` when the block ends without an
+  error, removed otherwise. A reader never sees a half-written file, and an interrupted write leaves the previous
+  one intact.
+
+  Local `path`: the temporary name is beside it (a rename is atomic only within one filesystem), keeps the
+  extension (savefig and np.save pick the format from it), and its folders are created. Remote `path` (a URL):
+  the temporary file is in the local temporary directory and is uploaded to `path` itself, with no temporary
+  object: the upload is already all-or-nothing (see the module docstring), and a remote rename is not.
   """
+  path = os.fspath(path)
+  if is_remote(path):
+    root, ext = os.path.splitext(path.rsplit("/", 1)[-1])
+    fd, tmp = tempfile.mkstemp(prefix=f".{root}.tmp-", suffix=ext)
+    os.close(fd)
+    try:
+      yield tmp
+      with open(tmp, "rb") as src, epath.Path(path).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    finally:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    return
   directory, name = os.path.split(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   root, ext = os.path.splitext(name)
@@ -50,6 +108,32 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+  """A local file name holding `path`'s content for the block: `path` itself when local, else a temporary download
+  (for readers that need a file name: np.load with a memory map, safetensors, torch.load)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  fd, tmp = tempfile.mkstemp(prefix=".download-", suffix=os.path.splitext(path)[1])
+  try:
+    with os.fdopen(fd, "wb") as dst, epath.Path(path).open("rb") as src:
+      shutil.copyfileobj(src, dst, 16 << 20)
+    yield tmp
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+  """np.load of a .npy file; a remote one is read whole into memory (a memory map needs a local file)."""
+  if not is_remote(path):
+    return np.load(path, mmap_mode=mmap_mode)
+  with epath.Path(path).open("rb") as f:
+    return np.load(io.BytesIO(f.read()))
 
 
 def write_json(path: str, value: Any, **dump_kwargs) -> None:
@@ -66,8 +150,8 @@ def eval_path(workdir: str, kind: str, step: int) -> str:
 
 def eval_steps(workdir: str, kind: str) -> list[int]:
   """Steps with an evaluation file of this kind in W/eval, ascending."""
-  eval_dir = os.path.join(workdir, EVAL_DIR)
-  names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+  eval_dir = epath.Path(workdir) / EVAL_DIR
+  names = [p.name for p in eval_dir.iterdir()] if eval_dir.is_dir() else []
   pattern = re.compile(rf"{kind}_(\d+){re.escape(EVAL_FILE_SUFFIXES[kind])}")
   return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
 
@@ -76,8 +160,7 @@ def eval_history(workdir: str) -> list[dict]:
   """Every W/eval/metrics_<step>.json record, by step."""
   records = []
   for step in eval_steps(workdir, "metrics"):
-    with open(eval_path(workdir, "metrics", step), encoding="utf-8") as f:
-      records.append(json.load(f))
+    records.append(json.loads(read_text(eval_path(workdir, "metrics", step))))
   return records
 
 
@@ -107,10 +190,11 @@ def _pid_alive(pid: int) -> bool:
 
 def ensure_workdir(workdir: str) -> None:
   """Creates the workdir, with one clear error when the path is taken by a file."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory: pass a directory (a new one starts a "
                              "new run).")
-  os.makedirs(workdir, exist_ok=True)
+  path.mkdir(parents=True, exist_ok=True)  # remote: a no-op but for a missing bucket (an object store has no folders)
 
 
 @contextlib.contextmanager
@@ -118,6 +202,13 @@ def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
   """Holds W/lock.json ({host, pid, started}) for the block: a second training on the workdir stops at once, naming
   the holder. A lock left by a dead process on this host is taken over with a warning. On a shared filesystem only
   process 0 takes it (`enabled`), so the hosts of one pod run do not lock each other out.
+
+  A remote workdir (gs://...) has no O_EXCL create: GCS would do it with an `ifGenerationMatch=0` precondition, but
+  neither etils.epath nor gcsfs expose one. There the lock is taken by looking for an existing lock.json (refused or
+  taken over as above), writing ours, and reading it back after a moment (another writer's lock.json replacing ours
+  means it won: this run stops). What remains is a race: two trainings that both find no lock, and whose writes and
+  read-backs interleave within that moment (about a second), can both go on. It guards against the common mistake
+  (a second command on a workdir in use, minutes or days later), not against two starts in the same second.
   """
   if not enabled:
     yield
@@ -126,6 +217,10 @@ def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
   path = os.path.join(workdir, LOCK_FILE)
   mine = {"host": socket.gethostname(), "pid": os.getpid(),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  if is_remote(path):
+    with _remote_lock(workdir, path, mine):
+      yield
+    return
   while True:
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -135,17 +230,11 @@ def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
           holder = json.load(f)
       except (OSError, ValueError):  # being written this instant, or damaged: treat as held by an unknown process
         holder = {}
-      if holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-        print(f"warning: {path} was left by process {holder['pid']} (started {holder.get('started', '?')}), which "
-              "is gone; taking the workdir over.", file=sys.stderr)
+      if _left_by_dead_process(holder, mine, path):
         with contextlib.suppress(FileNotFoundError):
           os.remove(path)
         continue
-      who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-             if holder else "an unknown process")
-      raise WorkdirInUse(f"{workdir} is in use by {who} (its lock: {path}). Wait for that run to finish or stop it, "
-                         "or use another --workdir. If that process is gone (e.g. its machine crashed), delete "
-                         f"{path}.") from None
+      raise _in_use(workdir, path, holder) from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       json.dump(mine, f)
     break
@@ -159,11 +248,62 @@ def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
         os.remove(path)
 
 
+def _left_by_dead_process(holder: dict, mine: dict, path: str) -> bool:
+  """Whether the lock `holder` is a process of this host that is gone (warns that it is taken over)."""
+  if holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+    print(f"warning: {path} was left by process {holder['pid']} (started {holder.get('started', '?')}), which "
+          "is gone; taking the workdir over.", file=sys.stderr)
+    return True
+  return False
+
+
+def _in_use(workdir: str, path: str, holder: dict) -> WorkdirInUse:
+  who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+         if holder else "an unknown process")
+  return WorkdirInUse(f"{workdir} is in use by {who} (its lock: {path}). Wait for that run to finish or stop it, "
+                      "or use another --workdir. If that process is gone (e.g. its machine crashed), delete "
+                      f"{path}.")
+
+
+def _read_lock(path: epath.Path) -> dict | None:
+  """The holder recorded in a lock file; None when there is none, {} when it cannot be read."""
+  try:
+    holder = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):  # damaged: held by an unknown process
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+REMOTE_LOCK_SETTLE_S = 1.0  # how long a remote lock is left before it is read back (see workdir_lock)
+
+
+@contextlib.contextmanager
+def _remote_lock(workdir: str, path_str: str, mine: dict) -> Iterator[None]:
+  """workdir_lock on a remote filesystem: check, write, read back (see workdir_lock for the race that remains)."""
+  path = epath.Path(path_str)
+  holder = _read_lock(path)
+  if holder is not None and not _left_by_dead_process(holder, mine, path_str):
+    raise _in_use(workdir, path_str, holder)
+  path.write_text(json.dumps(mine), encoding="utf-8")
+  time.sleep(REMOTE_LOCK_SETTLE_S)
+  holder = _read_lock(path)
+  if holder != mine:
+    raise _in_use(workdir, path_str, holder or {})
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError, ValueError):
+      if _read_lock(path) == mine:
+        path.unlink()
+
+
 def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, write: bool = True) -> None:
   """Refuses a workdir whose config.json describes a different run; writes config.json otherwise."""
   ensure_workdir(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
+  if exists(path):
     saved = _read_config_json(path)
     diffs = config_lib.differing_fields(config, saved)
     if diffs:
@@ -177,8 +317,7 @@ def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, write
 
 def _read_config_json(path: str) -> dict[str, Any]:
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(read_text(path))
     if not isinstance(saved, dict):
       raise ValueError(f"a JSON {type(saved).__name__}, not an object")
     config_lib.config_from_dict(saved)  # every field it names must be in the schema
@@ -192,7 +331,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's config from its config.json (for evaluate/visualize/load_run, which take only the workdir); imports
   the extensions it names, so their registered models can be built."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a workdir written by encdiff-train?")
   config = config_lib.config_from_dict(_read_config_json(path))
   config_lib.import_extensions(config)
@@ -209,14 +348,27 @@ class MetricWriter:
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      logdir = os.path.join(workdir, TENSORBOARD_DIR)
+      if is_remote(logdir):
+        _register_epath_event_files(logdir)
+      self._tb = SummaryWriter(logdir)
 
   def scalars(self, step: int, values: Mapping[str, float], stage: str) -> None:
     if not self.enabled:
       return
     record = {"stage": stage, "step": int(step), **{k: float(v) for k, v in values.items()}}
-    with open(os.path.join(self._workdir, METRICS_FILE), "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    path = os.path.join(self._workdir, METRICS_FILE)
+    if is_remote(path):
+      # No append on an object store (see the module docstring): read, extend, write whole. A record appended by
+      # another process between the read and the write is lost (visualize and training are the only writers, and
+      # only process 0 of a training writes); the cost is the file's size per log point, ~300 bytes a record.
+      remote = epath.Path(path)
+      previous = remote.read_text(encoding="utf-8") if remote.exists() else ""
+      remote.write_text(previous + line, encoding="utf-8")
+    else:
+      with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
     for key, value in values.items():
       self._tb.add_scalar(f"{stage}/{key}", float(value), int(step))
 
@@ -247,9 +399,61 @@ class MetricWriter:
       self._tb.close()
 
 
+class _EpathEventFile:
+  """A tensorboardX event file on a remote filesystem, written through etils.epath.
+
+  tensorboardX appends records to the file and flushes it (every flush_secs=120 s and at close). An object store
+  cannot append, so the records are kept in memory and each flush that has new ones writes the object whole (each
+  upload all-or-nothing: TensorBoard reads the previous or the new version). To bound memory and the bytes written
+  per flush, the records go on in a new object, `<name>.<n>` (TensorBoard reads every file of the folder with
+  "tfevents" in its name), once one holds ROTATE_BYTES. tensorboardX's own gs:// writer does the same rewrite but
+  through google-cloud-storage with its own credentials and endpoint; this one uses whatever epath uses.
+  """
+  ROTATE_BYTES = 32 << 20
+
+  def __init__(self, path: str):
+    self._base, self._part, self._buffer, self._dirty = path, 0, io.BytesIO(), False
+    self._lock = threading.Lock()
+
+  def _path(self) -> epath.Path:
+    return epath.Path(self._base if self._part == 0 else f"{self._base}.{self._part}")
+
+  def write(self, data: bytes) -> None:
+    with self._lock:
+      self._buffer.write(data)
+      self._dirty = True
+
+  def flush(self) -> None:
+    with self._lock:
+      if not self._dirty:
+        return
+      self._path().write_bytes(self._buffer.getvalue())
+      self._dirty = False
+      if self._buffer.tell() >= self.ROTATE_BYTES:  # flushes come between whole records
+        self._part, self._buffer = self._part + 1, io.BytesIO()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer-factory interface (record_writer.register_writer_factory) over _EpathEventFile."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # an object store has no folders to create
+
+
+def _register_epath_event_files(logdir: str) -> None:
+  """Routes tensorboardX's event files under `logdir`'s URL scheme (gs, s3, ...) through _EpathEventFile."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory(logdir.split(":", 1)[0], _EpathEventFiles())
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -20,23 +20,24 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
+from etils import epath
 import numpy as np
 
-from concept_diffusion.workdir import eval_path, eval_steps, write_json
+from concept_diffusion.workdir import eval_path, eval_steps, is_remote, write_json
 
 _NON_METRIC_KEYS = frozenset({"step", "dataset"})
 
 
-def final_metrics_file(workdir: pathlib.Path) -> pathlib.Path:
+def final_metrics_file(workdir: epath.Path) -> epath.Path:
   """The eval/metrics_<step>.json with the numerically largest step (metrics_1200 beats metrics_300)."""
   steps = eval_steps(str(workdir), "metrics")
   if not steps:
     raise FileNotFoundError(f"{workdir}: no eval/metrics_<step>.json found; has this run been evaluated? "
                             "(evaluation writes them at the end of training or at each eval interval)")
-  return pathlib.Path(eval_path(str(workdir), "metrics", steps[-1]))
+  return epath.Path(eval_path(str(workdir), "metrics", steps[-1]))
 
 
-def _dataset_name(workdir: pathlib.Path, metrics: dict[str, Any]) -> str:
+def _dataset_name(workdir: epath.Path, metrics: dict[str, Any]) -> str:
   if isinstance(metrics.get("dataset"), str):
     return metrics["dataset"]
   config_path = workdir / "config.json"
@@ -48,9 +49,9 @@ def _dataset_name(workdir: pathlib.Path, metrics: dict[str, Any]) -> str:
                    f"{config_path} has no data.name.")
 
 
-def load_run(workdir: str | pathlib.Path) -> tuple[str, dict[str, float]]:
+def load_run(workdir: str | epath.Path) -> tuple[str, dict[str, float]]:
   """(dataset, {metric: value}) of a run's final evaluation."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   path = final_metrics_file(workdir)
   raw = json.loads(path.read_text())
   if not isinstance(raw, dict):
@@ -69,13 +70,14 @@ def _summary(values: list[float]) -> dict[str, float]:
   return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if n > 1 else math.nan, "n": n}
 
 
-def aggregate(workdirs: Sequence[str | pathlib.Path]) -> dict[str, dict[str, Any]]:
+def aggregate(workdirs: Sequence[str | epath.Path]) -> dict[str, dict[str, Any]]:
   """{dataset: {"n_runs", "workdirs", "metrics": {metric: {"mean", "std", "n"}}}}; std is ddof=1 (NaN if n=1)."""
   if not workdirs:
     raise ValueError("no workdirs given.")
-  seen: dict[pathlib.Path, str | pathlib.Path] = {}
+  seen: dict[str, str | epath.Path] = {}
   for workdir in workdirs:  # resolved: runs/a, runs/a/, ./runs/a and a symlink to it are one run
-    resolved = pathlib.Path(workdir).resolve()
+    # (pathlib's resolve: epath's follows no symlinks and would turn gs://b/a into <cwd>/gs:/b/a)
+    resolved = str(epath.Path(workdir)) if is_remote(workdir) else str(pathlib.Path(workdir).resolve())
     if resolved in seen:
       first = seen[resolved]
       also = "" if str(first) == str(workdir) else f" (also as {first})"

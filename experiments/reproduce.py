@@ -26,14 +26,16 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from typing import Sequence
 
-from concept_diffusion.workdir import atomic_path, eval_path, eval_steps, write_json
+from etils import epath
+
+from concept_diffusion.workdir import (absolute, atomic_path, eval_path, eval_steps, exists, read_metrics, read_text,
+                                       write_json)
 from experiments import aggregate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,26 +93,21 @@ def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
 def final_step(workdir: str) -> int | None:
   """The step a run's final evaluation is written at, from its config.json (None before the run started)."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    config = json.load(f)
+  config = json.loads(read_text(path))
   baseline = config.get("baseline", {})
   return int(baseline["num_steps"] if baseline.get("kind") else config["train"]["num_steps"])
 
 
 def is_finished(workdir: str) -> bool:
   step = final_step(workdir)
-  return step is not None and os.path.exists(eval_path(workdir, "metrics", step))
+  return step is not None and exists(eval_path(workdir, "metrics", step))
 
 
 def _records(workdir: str) -> list[dict]:
   """The run's metrics.jsonl records, in order ([] before the run wrote any)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_metrics(workdir)
 
 
 def eval_curves(workdir: str, records: Sequence[dict] | None = None) -> list[dict]:
@@ -200,7 +197,7 @@ def run_rows(runs: Sequence[Run], root: str) -> list[dict]:
   rows = []
   for run in runs:
     workdir = os.path.join(root, run.name)
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if not exists(os.path.join(workdir, "metrics.jsonl")):
       continue
     records = _records(workdir)
     training = [r for r in records if r.get("stage") != "eval" and "wall_s" in r]
@@ -295,15 +292,14 @@ def archive_runs(runs: Sequence[Run], root: str, archive: str) -> list[str]:
   copied = []
   for run in runs:
     workdir = os.path.join(root, run.name)
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if not exists(os.path.join(workdir, "metrics.jsonl")):
       continue
     target = os.path.join(archive, run.name)
-    os.makedirs(os.path.join(target, "eval"), exist_ok=True)
-    for name in ("config.json", "metrics.jsonl"):
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.copy2(os.path.join(workdir, name), os.path.join(target, name))
-    for step in eval_steps(workdir, "metrics"):
-      shutil.copy2(eval_path(workdir, "metrics", step), eval_path(target, "metrics", step))
+    names = [name for name in ("config.json", "metrics.jsonl") if exists(os.path.join(workdir, name))]
+    names += [eval_path("", "metrics", step) for step in eval_steps(workdir, "metrics")]  # eval/metrics_<step>.json
+    for name in names:  # each copied whole, atomically (atomic_path), local or remote on either side
+      with atomic_path(os.path.join(target, name)) as tmp, open(tmp, "wb") as f:
+        f.write(epath.Path(workdir, name).read_bytes())
     copied.append(run.name)
   return copied
 
@@ -338,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: unknown run(s) {unknown}; known: {[run.name for run in runs]}", file=sys.stderr)
     return 2
   selected = [run for run in runs if not names or run.name in names]
-  root = os.path.abspath(args.root)
+  root = absolute(args.root)  # a URL (gs://...) stays one
   pending = []
   for run in selected:
     if is_finished(os.path.join(root, run.name)):
@@ -355,7 +351,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   signal.signal(signal.SIGTERM, _interrupt)  # stop the runs as Ctrl-C does
   failed = run_all(pending, root, nice=args.nice, parallel=args.parallel)
-  os.makedirs(root, exist_ok=True)
   text, data = summarise(runs, root)
   with atomic_path(os.path.join(root, "summary.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
@@ -363,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   plot_curves(runs, root, os.path.join(root, "curves.png"))
   print(text)
   print(f"wrote {os.path.join(root, 'summary.md')}, summary.json and curves.png")
-  if args.archive and os.path.abspath(args.archive) != root:
-    copied = archive_runs(runs, root, os.path.abspath(args.archive))
+  if args.archive and absolute(args.archive) != root:
+    copied = archive_runs(runs, root, absolute(args.archive))
     print(f"archived {len(copied)} run(s) to {args.archive}: {', '.join(copied)}")
   return 1 if failed else 0
 

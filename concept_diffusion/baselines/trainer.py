@@ -28,8 +28,8 @@ from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import jit_step, trainer
 from concept_diffusion.train.loop import run_loop
-from concept_diffusion.workdir import (BASELINE_DIR, MetricWriter, check_or_write_config, eval_path, figure_path,
-                                       read_metrics, workdir_lock)
+from concept_diffusion.workdir import (BASELINE_DIR, MetricWriter, check_or_write_config, eval_path, exists,
+                                       figure_path, read_metrics, workdir_lock)
 
 STAGE = "baseline"
 
@@ -144,7 +144,7 @@ def _train_baseline_locked(config: ml_collections.ConfigDict, workdir: str, is_m
   state = parallel.fetch_to_host(state, mesh)
   step = int(state.step)
   if config.eval.final and is_main:
-    if trained or not os.path.exists(eval_path(workdir, "metrics", step)):
+    if trained or not exists(eval_path(workdir, "metrics", step)):
       scores, _ = evaluate_baseline(config, state, dataset, workdir, step)
       writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
       _say(f"evaluation at step {step}:\n{format_table(scores)}")

@@ -118,6 +118,9 @@ def cached_array(path: str, sources: Sequence[str], shape: tuple[int, ...], dtyp
   record does not match is rebuilt. Concurrent builders (several processes starting at once) each write a
   private temporary file and rename it; the results are identical, the last rename wins.
   """
+  if "://" in path:  # without this, os.makedirs below would make a local folder named "gs:"
+    raise ValueError(f"{what}: the cache {path} must be on a local disk: it is memory-mapped and read at random "
+                     "(a remote workdir is fine; set data.cache_dir to a local folder).")
   stamp = _stamp(sources, shape, dtype, extra)
   meta_path = path + ".json"
   if os.path.exists(path) and os.path.exists(meta_path):

@@ -13,7 +13,7 @@ from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.metrics import evaluate_codes
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
-from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, write_json
+from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, write_json
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]
@@ -35,7 +35,6 @@ def evaluate_run(config, encode: EncodeFn, dataset: GroundTruthDataset, workdir:
   own (the mean of q(z|x)), so every model is scored by the same code. `extra_scores()` adds diagnostics (EncDiff:
   `reliance_scores`).
   """
-  os.makedirs(os.path.join(workdir, EVAL_DIR), exist_ok=True)
   codes_path = eval_path(workdir, "codes", step) if save_codes else None
   codes = encode(dataset, out_path=codes_path, progress=progress)
   scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes,
@@ -77,7 +76,7 @@ def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step
         f"no saved {wanted} in {os.path.join(workdir, EVAL_DIR)}; steps with one: {steps or 'none'} (evaluations "
         "save them unless save_codes=False). Evaluate from the checkpoint instead: drop --from_codes.")
   step = steps[-1] if step is None else step
-  codes = np.load(eval_path(workdir, "codes", step))
+  codes = load_npy(eval_path(workdir, "codes", step))
   scores, extras = evaluate_codes(codes, dataset.factor_sizes, metrics=tuple(metrics or config.eval.metrics),
                                   seed=config.eval.seed, return_extras=True)
   write_metrics(eval_path(workdir, "metrics", step), step, dataset, scores, extras)
@@ -89,9 +88,8 @@ def write_metrics(path: str, step: int, dataset: GroundTruthDataset, scores: dic
   """Writes (atomically) the step's record, keeping what an earlier evaluation of the step computed and this one
   did not: re-scoring one metric must not erase the others. Per-factor values are keyed by factor name."""
   record = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+  if exists(path):
+    record = json.loads(read_text(path))
   runtime = {**record.get("runtime_s", {}), **extras["runtime_s"]}
   record.update({"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names), **scores,
                  "runtime_s": runtime})

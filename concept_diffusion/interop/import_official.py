@@ -25,6 +25,7 @@ import sys
 from typing import Any, Optional
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -139,7 +140,8 @@ def make_first_stage_state(config: ml_collections.ConfigDict, weights: official.
 
 
 def _refuse_existing(directory: str) -> None:
-  if os.path.isdir(directory) and os.listdir(directory):
+  path = epath.Path(directory)
+  if path.is_dir() and any(path.iterdir()):
     raise ValueError(f"{directory} already holds checkpoints: import into a new --workdir (an import never "
                      "overwrites or mixes with an existing run).")
 

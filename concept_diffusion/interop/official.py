@@ -39,7 +39,7 @@ import numpy as np
 from concept_diffusion import states
 from concept_diffusion.diffusion.schedule import SCHEDULES, make_beta_schedule
 from concept_diffusion.models import autoencoder
-from concept_diffusion.workdir import atomic_path
+from concept_diffusion.workdir import atomic_path, exists, is_remote, local_copy
 
 OFFICIAL_COMMIT = "596a29d"  # github.com/SelenaGeRuiqi/EncDiff mirror of the official code's first commit
 OFFICIAL_REPO = "github.com/ThomasMrY/EncDiff"
@@ -735,6 +735,14 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
   Returns:
     The state dict and, when the file records them, global_step and epoch.
   """
+  if is_remote(path):  # the readers below need a local file name
+    if not exists(path):
+      raise FileNotFoundError(f"Checkpoint file {path!r} not found.")
+    with local_copy(path) as local:
+      try:
+        return load_state_dict(local, trust_pickle=trust_pickle)
+      except ValueError as e:
+        raise ValueError(str(e).replace(local, path)) from e
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Checkpoint file {path!r} not found.")
   suffix = check_suffix(path)

@@ -21,11 +21,11 @@ from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.config import validate_config
 from concept_diffusion.data.pipeline import InputPipeline
-from concept_diffusion.models.encdiff import EncDiff, build_model
+from concept_diffusion.models.encdiff import EncDiff, build_model, compute_dtype_name
 from concept_diffusion.train import diffusion_stage, first_stage, jit_step
 from concept_diffusion.train.loop import run_loop
-from concept_diffusion.workdir import (DIFFUSION_DIR, MetricWriter, check_or_write_config, eval_path, figure_path,
-                                       first_stage_dir, workdir_lock)
+from concept_diffusion.workdir import (DIFFUSION_DIR, MetricWriter, check_or_write_config, eval_path, exists,
+                                       figure_path, first_stage_dir, workdir_lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _diffusion_stage(config, workdir: str, dataset, model: EncDiff, ae_params: A
 
 
 def _train_diffusion(config, workdir: str, dataset, model: EncDiff, ae_params: Any, writer: MetricWriter,
-                     rng: jax.Array, mesh: Mesh, hooks: Hooks, tx, train_step: Callable,
+                     rng: jax.Array, mesh: Mesh, hooks: Hooks, tx, train_step: jit_step.TrainStep,
                      ckpts: StageCheckpoints) -> tuple[states.DiffusionState, bool]:
   tc = config.train
   shardings = states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size)
@@ -155,9 +155,10 @@ def _train_diffusion(config, workdir: str, dataset, model: EncDiff, ae_params: A
     return parallel.on_main_host(run, mesh)
 
   state = run_loop(stage="diffusion", state=state, num_steps=tc.num_steps,
-                   step_fn=lambda s, images, key: train_step(s, images, ae_params, key), batches=pipeline,
+                   step_fn=train_step.bind(ae_params), batches=pipeline,
                    rng=jax.random.fold_in(rng, 2), ckpts=ckpts, writer=writer, log_every=tc.log_every,
                    checkpoint_every=tc.checkpoint_every, batch_size=tc.batch_size, on_nonfinite=tc.on_nonfinite,
+                   compute_dtype=compute_dtype_name(config),
                    hooks=[(config.eval.every, periodic(hooks.evaluate, log=True)),
                           (tc.figure_every, periodic(hooks.figures, log=False))])
   return state, True
@@ -210,11 +211,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
     snapshot = Snapshot(config, workdir, dataset, model, state, ae_params, 0 if state is None else int(state.step),
                         True, writer, jax.random.fold_in(rng, 30))
     if (state is not None and hooks.evaluate and config.eval.final
-        and (trained or not os.path.exists(eval_path(workdir, "metrics", snapshot.step)))):
+        and (trained or not exists(eval_path(workdir, "metrics", snapshot.step)))):
       scores = hooks.evaluate(snapshot)
       writer.scalars(snapshot.step, {**scores, **writer.progress("diffusion", snapshot.step)}, "eval")
       _say(f"evaluation at step {snapshot.step}:\n{hooks.format_scores(scores)}")
-    figures_exist = os.path.exists(figure_path(workdir, "reconstructions.png"))
+    figures_exist = exists(figure_path(workdir, "reconstructions.png"))
     if hooks.figures and config.sample.final_figures and (trained or not figures_exist):
       for path in hooks.figures(snapshot):
         _say(f"wrote {path}")
