@@ -7,9 +7,11 @@ step is numerically the same program on any mesh (XLA inserts the all-gathers an
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -42,8 +44,47 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int]:
 def make_mesh(mesh_config: Any, devices: Any = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
-  # Auto axes: the model code carries no sharding annotations; GSPMD propagates from the step's in/out shardings.
+  # Auto axes: XLA propagates shardings from the step's in/out shardings and the few activation constraints the
+  # model code sets with `shard_batch` (where propagation alone would shard activations like the FSDP weights).
   return jax.make_mesh(shape, ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+# --- activations ------------------------------------------------------------------------------------------------
+
+def shard_batch(x: jax.Array) -> jax.Array:
+  """`x` constrained to have its leading (batch) dimension split over ("data", "fsdp") and the rest whole, when
+  traced under a mesh with those axes (`traced_on`, what the train steps use); `x` itself otherwise (eager code,
+  single-device jits, a batch that does not divide over the devices, e.g. a single image).
+
+  Why: with FSDP a weight is split along a feature dimension over "fsdp", and sharding propagation may carry that
+  split into the activation the weight multiplies (features over "fsdp", batch over "data" only). Going back to
+  the batch split then needs an all-to-all that XLA's SPMD partitioner cannot always do, so it replicates the
+  whole activation ("involuntary full rematerialization"). Pinning the activations to the batch split makes it
+  all-gather the weights instead, which is what FSDP means.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(DATA_AXES) <= set(mesh.axis_names) or mesh.size == 1:
+    return x
+  if not x.ndim or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA_AXES))
+
+
+@contextlib.contextmanager
+def tracing_on(mesh: Mesh) -> Iterator[None]:
+  """Traces inside the block see `mesh` (abstractly: nothing is placed), so `shard_batch` takes effect."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """fn, traced under `tracing_on(mesh)`: wrap a step before `jax.jit` so its activation constraints apply."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with tracing_on(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

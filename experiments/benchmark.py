@@ -6,8 +6,10 @@ r"""Measures training and inference speed on whatever devices JAX sees; prints a
 Per batch size: compile time and FLOPs of the first-stage and diffusion train steps, the diffusion step's
 median/p90 time, images/s, achieved FLOP/s and MFU (XLA's FLOP count of the compiled step over the device's
 peak: published for TPUs/GPUs, measured by a large matmul on CPUs), XLA's memory plan and peak device memory,
-DDIM time per image, encoder and input-pipeline images/s; with --profile_steps, where the step's time goes
-(concept_diffusion/tools/profiling.py). docs/performance.md explains the numbers.
+DDIM time per image, encoder and input-pipeline images/s; what the diffusion step communicates on the mesh
+(collective bytes per step from the compiled HLO against the minimum for the mesh, and GSPMD's "involuntary full
+rematerialization" warnings; concept_diffusion/tools/collectives.py); with --profile_steps, where the step's time
+goes (concept_diffusion/tools/profiling.py). docs/performance.md explains the numbers.
 """
 
 from absl import flags, logging
@@ -34,6 +36,9 @@ _PROFILE_STEPS = flags.DEFINE_integer(
     "by model module (0: no profile).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Where the traces go (default /tmp/concept_diffusion_profile); "
                                    "open them in TensorBoard's profile plugin or Perfetto.")
+_COUNT_REMAT = flags.DEFINE_bool(
+    "count_remat_warnings", True, "Count GSPMD's involuntary-rematerialization warnings of the diffusion step; "
+    "when the persistent cache served the step this compiles it once more with the cache off.")
 _JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
 flags.mark_flags_as_required(["config"])
 
@@ -51,7 +56,8 @@ def _main(argv):
   report = run_benchmark(config, batch_sizes, steps=_STEPS.value, warmup=_WARMUP.value,
                          sample_steps=_SAMPLE_STEPS.value, encode_batches=_ENCODE_BATCHES.value,
                          pipeline_batches=_PIPELINE_BATCHES.value, with_first_stage=_FIRST_STAGE.value,
-                         profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value)
+                         profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value,
+                         count_remat_warnings=_COUNT_REMAT.value)
   print(format_report(report))
   if _JSON.value:
     write_json(_JSON.value, report, indent=2)

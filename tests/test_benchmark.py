@@ -16,7 +16,8 @@ from configs import smoke
 from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import StageCheckpoints
 from concept_diffusion.models.encdiff import EncDiff, build_model
-from concept_diffusion.tools import perf, profiling
+from concept_diffusion import perf
+from concept_diffusion.tools import collectives, profiling
 from concept_diffusion.train import diffusion_stage
 from tests.conftest import REPO_ROOT
 
@@ -135,7 +136,9 @@ def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
   images = jax.random.uniform(jax.random.PRNGKey(1), (config.train.batch_size, 16, 16, 3), minval=-1, maxval=1)
   for _ in range(2):
     state, metrics = step(state, images, None, jax.random.PRNGKey(2))
-  assert step._cache_size() == 1  # pylint: disable=protected-access
+  # The step compiled ahead of time on its first call (jit_step.TrainStep) serves every call: jit's own cache,
+  # which only a call that does not fit that executable would fill, stays empty.
+  assert step.compiled is not None and step.jitted._cache_size() == 0  # pylint: disable=protected-access
   ckpts = StageCheckpoints(str(tmp_path / "diffusion"), async_save=False)
   ckpts.save(2, state)
   ckpts.wait()
@@ -147,7 +150,7 @@ def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
   ckpts.close()
   resumed, resumed_metrics = step(restored, images, None, jax.random.PRNGKey(2))
   continued, continued_metrics = step(state, images, None, jax.random.PRNGKey(2))
-  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert step.jitted._cache_size() == 0  # pylint: disable=protected-access
   assert float(resumed_metrics["loss"]) == float(continued_metrics["loss"])
   assert int(resumed.step) == int(continued.step) == 3 and np.isfinite(float(metrics["loss"]))
 
@@ -242,6 +245,10 @@ def test_benchmark_cli_writes_the_report(tmp_path):
   assert 0 < result["mfu"] < 1.5  # a measured CPU peak can be beaten a little by a busy neighbour leaving
   assert result["first_stage_compile_s"] > 0 and result["encode_images_per_s"] > 0
   assert result["pipeline_images_per_s"] > 0 and np.isfinite(result["loss"])
+  # One device: nothing to communicate (the 8-device counts: tests/test_meshes.py).
+  assert result["collective_bytes_per_step"] == result["min_collective_bytes_per_step"] == 0
+  assert result["remat_warnings"] == 0 and result["remat_warnings_source"] == "the compile"
+  assert report["mesh"] == {"data": 1, "fsdp": 1} and "remat" in proc.stdout
 
   profile = result["profile"]
   assert profile["steps"] == 2 and list((tmp_path / "prof").rglob("*.xplane.pb"))
@@ -266,3 +273,82 @@ def test_benchmark_cli_rejects_a_batch_that_does_not_divide_over_the_devices():
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert proc.returncode == 2
   assert "batch size 3 does not divide over the 2 devices" in proc.stderr
+
+
+# --- collectives: the HLO parser and the minimum (tools/collectives.py) -------------------------------------------
+
+_COLLECTIVES_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=2
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %p = (s32[], f32[8,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[8,4]{1,0} get-tuple-element(%p), index=1
+  %all-reduce.7 = f32[8,4]{1,0} all-reduce(%w), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], f32[8,4]{1,0}) tuple(%i, %all-reduce.7)
+}
+
+%cond (p.1: (s32[], f32[8,4])) -> pred[] {
+  %p.1 = (s32[], f32[8,4]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4,16], b: bf16[16,16], s: f32[2], v: f32[3]) -> f32[8,16] {
+  %a = f32[4,16]{1,0} parameter(0)
+  %b = bf16[16,16]{1,0} parameter(1)
+  %s = f32[2]{0} parameter(2)
+  %v = f32[3]{0} parameter(3)
+  %all-gather = f32[8,16]{1,0} all-gather(%a), channel_id=2, replica_groups=[1,2]<=[2], dimensions={0}
+  %reduce-scatter = bf16[8,16]{1,0} reduce-scatter(%b), channel_id=3, dimensions={0}, to_apply=%add
+  %all-reduce = (f32[2]{0}, f32[3]{0}) all-reduce(%s, %v), channel_id=4, to_apply=%add
+  %cp-start = (f32[4,16]{1,0}, f32[4,16]{1,0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1}}
+  %cp-done = f32[4,16]{1,0} collective-permute-done(%cp-start)
+  %all-to-all = f32[4,16]{1,0} all-to-all(%a), dimensions={0}
+  %init = (s32[], f32[8,4]{1,0}) tuple(%c.0, %w.0)
+  %while = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[8,16]{1,0} add(%all-gather, %all-gather)
+}
+"""
+
+
+def test_collective_bytes_are_read_from_the_hlo_by_the_stated_convention():
+  counted = collectives.collective_bytes(_COLLECTIVES_HLO)
+  assert counted["by_kind"] == {
+      "all-gather": 8 * 16 * 4,  # the gathered result
+      "reduce-scatter": 16 * 16 * 2,  # the operand before scattering (bf16)
+      "all-reduce": (2 + 3) * 4 + 3 * 8 * 4 * 4,  # a combined (tuple) all-reduce + one in a loop run 3 times
+      "collective-permute": 4 * 16 * 4,  # the async pair once, by its -done
+      "all-to-all": 4 * 16 * 4,
+  }
+  assert counted["total"] == 512 + 512 + 404 + 256 + 256 == 1940
+  assert counted["count_by_kind"]["all-reduce"] == 4 and counted["unknown_trip_counts"] == 0
+  assert collectives.shape_bytes("(f32[2,3]{1,0}, bf16[4], pred[])") == 24 + 8 + 1
+  assert collectives.count_remat_warnings("W spmd_partitioner.cc:656] [SPMD] Involuntary full rematerialization. "
+                                          "The compiler cannot go ...\nok\n") == 1
+
+
+def test_minimum_collective_bytes_for_data_parallel_and_fsdp():
+  P = jax.sharding.PartitionSpec
+  trainable = [jax.ShapeDtypeStruct((8, 4), jnp.float32), jax.ShapeDtypeStruct((10,), jnp.float32)]  # 128 + 40 B
+  frozen = [jax.ShapeDtypeStruct((16, 16), jnp.bfloat16), jax.ShapeDtypeStruct((5,), jnp.float32)]  # 512 + 20 B
+  fsdp_specs, frozen_specs = [P("fsdp", None), P()], [P(None, "fsdp"), P()]
+  # Data parallel: one all-reduce of every gradient; frozen inputs are replicated, nothing to gather.
+  dp = collectives.min_collective_bytes(trainable, [P(), P()], (8, 1), frozen, [P(), P()])
+  assert dp == {"all-reduce": 168, "all-gather": 0, "reduce-scatter": 0, "total": 168}
+  # FSDP (4, 2): all-gather forward + backward (2 x 128) and the frozen weight once (512), reduce-scatter of the
+  # gradient (128), all-reduce of its shard over data (64) and of the replicated gradient (40).
+  assert collectives.min_collective_bytes(trainable, fsdp_specs, (4, 2), frozen, frozen_specs) == {
+      "all-gather": 768, "reduce-scatter": 128, "all-reduce": 104, "total": 1000}
+  # (1, 8): no data axis to all-reduce the shards over.
+  assert collectives.min_collective_bytes(trainable, fsdp_specs, (1, 8), frozen, frozen_specs)["total"] == 936
+  assert collectives.min_collective_bytes(trainable, fsdp_specs, (1, 1))["total"] == 0
+
+
+def test_used_leaves_finds_the_parameters_a_function_reads():
+  tree = {"encoder": jnp.ones(3), "decoder": jnp.ones(4)}
+  assert collectives.used_leaves(lambda t, x: t["encoder"] * x, tree, 2.0) == {"encoder": True, "decoder": False}

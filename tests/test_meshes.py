@@ -106,3 +106,13 @@ def test_restore_onto_a_different_mesh_and_onto_one_device(tmp_path, cache_dir):
   assert len([s for s in r["1x8/specs"] if s]) > 10
   assert int(r["single/num_devices"]) == 1
   assert int(r["data_state"]) == 1
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
+def test_diffusion_step_communicates_without_waste(mesh_steps, mesh):
+  """The benchmark's collective count of the compiled step (tools/collectives.py): no activation replicated in full
+  ("involuntary full rematerialization"), and no more bytes than 1.2x the least a data-parallel / FSDP step on the
+  mesh must move (docs/performance.md, "Collectives")."""
+  collective_bytes, minimum, remat_warnings = mesh_steps[f"{mesh}/diffusion_comm"]
+  assert remat_warnings == 0
+  assert minimum > 0 and 0 < collective_bytes <= 1.2 * minimum, (collective_bytes, minimum)

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from concept_diffusion import parallel
 from concept_diffusion.models.layers import torch_kernel_init
 
 
@@ -17,10 +18,13 @@ class _EncResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    # Batch-split activations around the (FSDP-sharded) kernels: parallel.shard_batch, models/layers.py.
+    x = parallel.shard_batch(x)
     h = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=torch_kernel_init, name="convs_1")(
         nn.relu(x))
-    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="convs_2", **self.bn)(h))
-    return x + nn.Conv(self.width, (1, 1), kernel_init=torch_kernel_init, name="convs_4")(h)
+    h = parallel.shard_batch(nn.relu(nn.BatchNorm(use_running_average=not train, name="convs_2", **self.bn)(
+        parallel.shard_batch(h))))
+    return parallel.shard_batch(x + nn.Conv(self.width, (1, 1), kernel_init=torch_kernel_init, name="convs_4")(h))
 
 
 class ConceptEncoder(nn.Module):
@@ -51,21 +55,22 @@ class ConceptEncoder(nn.Module):
   def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"ConceptEncoder expects NHWC images, got shape {x.shape}.")
-    h = x
+    h = parallel.shard_batch(x)
     for i, conv in enumerate(self.convs):
-      h = self.norms[i](conv(h), use_running_average=not train)
+      h = self.norms[i](parallel.shard_batch(conv(h)), use_running_average=not train)
       if i != 2:  # Encoder4 has no ReLU after its third conv+BN
         h = nn.relu(h)
+      h = parallel.shard_batch(h)
     h = self.res[0](h, train)
-    h = nn.relu(self.norms[4](h, use_running_average=not train))
+    h = parallel.shard_batch(nn.relu(self.norms[4](h, use_running_average=not train)))
     h = self.res[1](h, train)
     # PyTorch flattens NCHW; transpose so the Linear's input order matches an imported official weight.
-    h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)
-    return self.head(h)
+    h = parallel.shard_batch(jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1))
+    return parallel.shard_batch(self.head(h))
 
   def tokens(self, scalars: jax.Array) -> jax.Array:
     """(B, N) scalars -> (B, N, token_dim); token k depends only on scalar k."""
-    return apply_token_mlp(scalars, self.mlp)
+    return parallel.shard_batch(apply_token_mlp(parallel.shard_batch(scalars), self.mlp))
 
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     scalars = self.encode(x, train)

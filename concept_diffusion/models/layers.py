@@ -2,6 +2,11 @@
 
 Parameter names mirror the official PyTorch module names ('.' -> '_') so that an importer maps one
 to one: `in_layers_0` is `in_layers.0`, `to_out_0` is `to_out.0`, and so on.
+
+`parallel.shard_batch` marks the activations that feed an (FSDP-sharded) weight as split over the batch: under a
+mesh with fsdp > 1 sharding propagation would otherwise split them along the features like the weight and then
+fail to go back ("involuntary full rematerialization"); outside a mesh it does nothing (docs/performance.md,
+"Collectives").
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from concept_diffusion import parallel
 from concept_diffusion.models import kernels
 
 Dtype = Any
@@ -74,13 +80,14 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False, cond: jax.Array | None = None) -> jax.Array:
-    h = nn.silu(group_norm(self.norm_groups, "in_layers_0")(x)).astype(self.dtype)
+    x = parallel.shard_batch(x)
+    h = parallel.shard_batch(nn.silu(group_norm(self.norm_groups, "in_layers_0")(x)).astype(self.dtype))
     h = _resample(h, self.resample)
     x = _resample(x, self.resample)
-    h = conv(self.out_channels, 3, "in_layers_2", dtype=self.dtype, impl=self.conv_impl)(h)
+    h = parallel.shard_batch(conv(self.out_channels, 3, "in_layers_2", dtype=self.dtype, impl=self.conv_impl)(h))
 
-    emb_out = dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels, "emb_layers_1",
-                    dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
+    emb_out = parallel.shard_batch(dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
+                                         "emb_layers_1", dtype=self.dtype)(nn.silu(emb)))[:, None, None, :]
     out_norm = group_norm(self.norm_groups, "out_layers_0")
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -88,13 +95,15 @@ class ResBlock(nn.Module):
     else:
       h = out_norm(h + emb_out)
     if cond is not None:  # Diff-AE's cond_emb_layers = Sequential(SiLU, Linear); scale only, no shift
-      h = h * (1 + dense(self.out_channels, "cond_emb_layers_1", dtype=self.dtype)(nn.silu(cond))[:, None, None, :])
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h).astype(self.dtype))
-    h = conv(self.out_channels, 3, "out_layers_3", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(h)
+      h = h * (1 + parallel.shard_batch(dense(self.out_channels, "cond_emb_layers_1", dtype=self.dtype)(
+          nn.silu(cond)))[:, None, None, :])
+    h = nn.Dropout(self.dropout, deterministic=not train)(parallel.shard_batch(nn.silu(h).astype(self.dtype)))
+    h = parallel.shard_batch(conv(self.out_channels, 3, "out_layers_3", zero_init=True, dtype=self.dtype,
+                                  impl=self.conv_impl)(h))
 
     if x.shape[-1] != self.out_channels:
-      x = conv(self.out_channels, 1, "skip_connection", dtype=self.dtype, impl=self.conv_impl)(x)
-    return x + h
+      x = parallel.shard_batch(conv(self.out_channels, 1, "skip_connection", dtype=self.dtype, impl=self.conv_impl)(x))
+    return parallel.shard_batch(x + h)
 
 
 class Attention(nn.Module):
@@ -113,12 +122,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, train: bool = False) -> jax.Array:
-    context = x if context is None else context
+    x = parallel.shard_batch(x)
+    context = x if context is None else parallel.shard_batch(context)
     inner = self.heads * self.dim_head
     q = dense(inner, "to_q", use_bias=False, dtype=self.dtype)(x)
     k = dense(inner, "to_k", use_bias=False, dtype=self.dtype)(context)
     v = dense(inner, "to_v", use_bias=False, dtype=self.dtype)(context)
-    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
+    # (B, T, heads * dim) -> (B, T, heads, dim), batch-split on both sides of the reshape.
+    split = lambda t: parallel.shard_batch(parallel.shard_batch(t).reshape(t.shape[:-1] + (self.heads,
+                                                                                         self.dim_head)))
     q, k, v = split(q), split(k), split(v)
     if self.record_probs and self.is_mutable_collection("intermediates"):
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.dim_head ** -0.5)
@@ -127,8 +139,8 @@ class Attention(nn.Module):
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     else:
       out = kernels.attention(q, k, v, self.dim_head ** -0.5, self.impl)
-    out = out.reshape(out.shape[:-2] + (inner,))
-    out = dense(x.shape[-1], "to_out_0", dtype=self.dtype)(out)
+    out = parallel.shard_batch(parallel.shard_batch(out).reshape(out.shape[:-2] + (inner,)))
+    out = parallel.shard_batch(dense(x.shape[-1], "to_out_0", dtype=self.dtype)(out))
     return nn.Dropout(self.dropout, deterministic=not train)(out)
 
 
@@ -141,10 +153,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
-    value, gate = jnp.split(dense(2 * self.mult * dim, "net_0_proj", dtype=self.dtype)(x), 2, axis=-1)
-    h = value * nn.gelu(gate, approximate=False)
+    projected = dense(2 * self.mult * dim, "net_0_proj", dtype=self.dtype)(parallel.shard_batch(x))
+    value, gate = jnp.split(parallel.shard_batch(projected), 2, axis=-1)
+    h = parallel.shard_batch(value * nn.gelu(gate, approximate=False))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    return dense(dim, "net_2", dtype=self.dtype)(h)
+    return parallel.shard_batch(dense(dim, "net_2", dtype=self.dtype)(h))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -161,12 +174,12 @@ class BasicTransformerBlock(nn.Module):
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
     attn = lambda name, **kw: Attention(self.heads, self.dim_head, self.dropout, dtype=self.dtype,
                                         impl=self.attention_impl, name=name, **kw)
-    x = x + attn("attn1")(ln("norm1")(x).astype(self.dtype), train=train)
+    norm = lambda name, x: parallel.shard_batch(ln(name)(parallel.shard_batch(x)).astype(self.dtype))
+    x = x + attn("attn1")(norm("norm1", x), train=train)
     if context is not None:
-      x = x + attn("attn2", record_probs=True)(ln("norm2")(x).astype(self.dtype), context, train=train)
-    x = x + FeedForward(dropout=self.dropout, dtype=self.dtype, name="ff")(ln("norm3")(x).astype(self.dtype),
-                                                                              train=train)
-    return x
+      x = x + attn("attn2", record_probs=True)(norm("norm2", x), context, train=train)
+    x = x + FeedForward(dropout=self.dropout, dtype=self.dtype, name="ff")(norm("norm3", x), train=train)
+    return parallel.shard_batch(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -184,11 +197,13 @@ class SpatialTransformer(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None, train: bool = False) -> jax.Array:
     b, h, w, c = x.shape
     inner = self.heads * self.dim_head
-    y = group_norm(self.norm_groups, "norm", eps=1e-6)(x).astype(self.dtype)
-    y = conv(inner, 1, "proj_in", dtype=self.dtype, impl=self.conv_impl)(y).reshape(b, h * w, inner)
+    y = group_norm(self.norm_groups, "norm", eps=1e-6)(parallel.shard_batch(x)).astype(self.dtype)
+    y = parallel.shard_batch(conv(inner, 1, "proj_in", dtype=self.dtype, impl=self.conv_impl)(parallel.shard_batch(y)))
+    y = parallel.shard_batch(y.reshape(b, h * w, inner))  # (B, H, W, C) -> (B, HW, C)
     for i in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.dim_head, self.dropout, dtype=self.dtype,
                                 attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(
                                     y, context, train=train)
-    y = conv(c, 1, "proj_out", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(y.reshape(b, h, w, inner))
-    return x + y
+    y = parallel.shard_batch(parallel.shard_batch(y).reshape(b, h, w, inner))
+    y = conv(c, 1, "proj_out", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(y)
+    return parallel.shard_batch(x + y)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from concept_diffusion import parallel
 from concept_diffusion.models.conditioning import CONDITIONINGS
 from concept_diffusion.models.layers import ResBlock, SpatialTransformer, conv, dense, group_norm, timestep_embedding
 
@@ -70,20 +71,23 @@ class UNet(nn.Module):
       raise ValueError(f"UNet expects NHWC latents with {self.in_channels} channels, got shape {x.shape}.")
     emb_dim = 4 * self.model_channels
     emb = timestep_embedding(timesteps, self.model_channels)
-    emb = dense(emb_dim, "time_embed_2", dtype=self.dtype)(nn.silu(dense(emb_dim, "time_embed_0", dtype=self.dtype)(
-        emb.astype(self.dtype))))
+    # parallel.shard_batch: activations stay split over the batch under FSDP (models/layers.py).
+    emb = parallel.shard_batch(dense(emb_dim, "time_embed_0", dtype=self.dtype)(emb.astype(self.dtype)))
+    emb = parallel.shard_batch(dense(emb_dim, "time_embed_2", dtype=self.dtype)(nn.silu(emb)))
     if self.conditioning not in CONDITIONINGS:
       raise ValueError(f"unet.conditioning={self.conditioning!r} is not registered; known: {sorted(CONDITIONINGS)}.")
     routes = CONDITIONINGS[self.conditioning](emb_dim=emb_dim, dtype=self.dtype, name="conditioning")(
         context.astype(self.dtype))
     context, cond = routes.context, routes.adagn
+    context = None if context is None else parallel.shard_batch(context)
+    cond = None if cond is None else parallel.shard_batch(cond)
     if routes.emb is not None:
-      emb = emb + routes.emb.astype(emb.dtype)
+      emb = parallel.shard_batch(emb + routes.emb.astype(emb.dtype))
 
     if self.learned_input:
       x = jnp.broadcast_to(self.param("learned_input", nn.initializers.normal(1.0), (1,) + x.shape[1:]), x.shape)
-    h = conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype, impl=self.conv_impl)(
-        x.astype(self.dtype))
+    h = parallel.shard_batch(conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype,
+                                  impl=self.conv_impl)(parallel.shard_batch(x.astype(self.dtype))))
     skips, chans = [h], [self.model_channels]
     ch, ds, block = self.model_channels, 1, 1
     for level, mult in enumerate(self.channel_mult):
@@ -113,7 +117,7 @@ class UNet(nn.Module):
     block = 0
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = parallel.shard_batch(jnp.concatenate([h, skips.pop()], axis=-1))
         chans.pop()
         ch = mult * self.model_channels
         h = self._res(ch, f"output_blocks_{block}_0")(h, emb, train, cond)
@@ -130,8 +134,9 @@ class UNet(nn.Module):
           ds //= 2
         block += 1
 
-    h = nn.silu(group_norm(self.norm_groups, "out_0")(h)).astype(self.dtype)
-    out = conv(self.out_channels, 3, "out_2", zero_init=True, dtype=self.dtype, impl=self.conv_impl)(h)
+    h = parallel.shard_batch(nn.silu(group_norm(self.norm_groups, "out_0")(h)).astype(self.dtype))
+    out = parallel.shard_batch(conv(self.out_channels, 3, "out_2", zero_init=True, dtype=self.dtype,
+                                    impl=self.conv_impl)(h))
     return out.astype(jnp.float32)
 
 

@@ -4,10 +4,20 @@
 both stages' steps, the diffusion step's time (median and p90 after warm-up), throughput, MFU and memory, and
 the time of the other loops a run spends its time in. Random (untrained) parameters: speed does not depend on
 the values, and no workdir is needed.
+
+For the diffusion step on the current mesh it also reports what the step communicates, from the compiled HLO
+(tools/collectives.py states the byte convention): `collective_bytes_per_step` (per device, all kinds) and
+`collective_bytes_by_kind`, `min_collective_bytes_per_step` (the least a data-parallel / FSDP step on this mesh
+must move, in the same convention) and `remat_warnings`, how many times GSPMD logged an "involuntary full
+rematerialization" (an activation it could not reshard and replicated in full) while compiling the step. The
+warnings are only printed by a real compile: when the persistent cache served the step, it is compiled once more
+with the cache off to count them (`remat_warnings_source`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -20,8 +30,9 @@ from concept_diffusion import data as data_lib
 from concept_diffusion import parallel, states
 from concept_diffusion.config import validate_config
 from concept_diffusion.evaluation.encode import make_encode_step
-from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model
-from concept_diffusion.tools import perf, profiling
+from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
+from concept_diffusion import perf
+from concept_diffusion.tools import collectives, profiling
 from concept_diffusion.train import diffusion_stage, first_stage, trainer
 
 
@@ -56,6 +67,62 @@ class _CacheProbe:
       return compiled, lower_s, compile_s, "off"
     # Neither event: not looked up (quicker than jax_persistent_cache_min_compile_time_secs to compile).
     return compiled, lower_s, compile_s, seen[-1] if seen else "uncached"
+
+
+@contextlib.contextmanager
+def _persistent_cache_off():
+  """Compiles inside the block neither read nor write the persistent compilation cache."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top  (JAX has no public switch)
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used; decide again
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
+def _compile_counting_remat(probe: _CacheProbe, lower, count: bool) -> tuple[Any, float, float, str, int | None, str]:
+  """`probe.timed_compile(lower)` with XLA's log captured: (..., remat warnings, where the count comes from). The
+  captured log is written back to stderr, so a user still sees the warnings."""
+  with collectives.captured_stderr() as log:
+    compiled, lower_s, xla_s, cache = probe.timed_compile(lower)
+  sys.stderr.write(log[0])
+  if not count:
+    return compiled, lower_s, xla_s, cache, None, "not counted"
+  if cache != "hit":
+    return compiled, lower_s, xla_s, cache, collectives.count_remat_warnings(log[0]), "the compile"
+  with _persistent_cache_off(), collectives.captured_stderr() as log:
+    # An option at its default value changes nothing in the program, but keys JAX's in-memory compilation caches
+    # (the lowering's memoised executable, pxla's cached compilation) apart: XLA really compiles again.
+    lower().compile(compiler_options={"xla_embed_ir_in_executable": False})
+  sys.stderr.write(log[0])
+  return (compiled, lower_s, xla_s, cache, collectives.count_remat_warnings(log[0]),
+          "recompiled without the persistent cache")
+
+
+def _specs(tree: Any) -> list:
+  return [leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def communication(compiled, model: EncDiff, state, ae_params, images, mesh) -> dict[str, Any]:
+  """Collective bytes of the compiled diffusion step against the minimum for the mesh (tools/collectives.py)."""
+  measured = collectives.collective_bytes(compiled.as_text())
+  frozen, frozen_specs = [], []
+  if ae_params is not None:  # the first stage's parameters the step reads (its encoder), not the decoder's
+    used = jax.tree_util.tree_leaves(collectives.used_leaves(model.latents, ae_params, images))
+    for leaf, spec, read in zip(jax.tree_util.tree_leaves(ae_params), _specs(ae_params), used):
+      if read:
+        frozen.append(leaf)
+        frozen_specs.append(spec)
+  minimum = collectives.min_collective_bytes(jax.tree_util.tree_leaves(state.params), _specs(state.params),
+                                             (mesh.shape["data"], mesh.shape["fsdp"]), frozen, frozen_specs)
+  return {"collective_bytes_per_step": measured["total"], "collective_bytes_by_kind": measured["by_kind"],
+          "collectives_by_kind": measured["count_by_kind"],
+          "min_collective_bytes_per_step": minimum["total"],
+          "min_collective_bytes_by_kind": {k: v for k, v in minimum.items() if k != "total"},
+          "collective_ratio": measured["total"] / minimum["total"] if minimum["total"] else None}
 
 
 def random_ae_params(model: EncDiff, mesh, fsdp_min_size: int) -> Any:
@@ -122,7 +189,8 @@ def _pipeline_throughput(config, dataset, batch_size: int, mesh, num_batches: in
 
 def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmup: int, sample_steps: int,
                     encode_batches: int, pipeline_batches: int, with_first_stage: bool,
-                    probe: _CacheProbe, profile_steps: int = 0, profile_dir: str | None = None) -> dict[str, Any]:
+                    probe: _CacheProbe, profile_steps: int = 0, profile_dir: str | None = None,
+                    count_remat_warnings: bool = True) -> dict[str, Any]:
   """Every measurement at one global batch size (MFU is filled in by `run_benchmark`, which knows the peak)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.batch_size = config.first_stage.batch_size = config.eval.batch_size = batch_size
@@ -137,7 +205,10 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
   ae_params = random_ae_params(model, mesh, config.mesh.fsdp_min_size)
   tx, step = diffusion_stage.step_for_config(config, model, mesh)
   state = diffusion_stage.create_sharded_state(model, tx, jax.random.PRNGKey(0), mesh, config.mesh.fsdp_min_size)
-  compiled, lower_s, xla_s, cache = probe.timed_compile(lambda: step.lower(state, images, ae_params, key))
+  compiled, lower_s, xla_s, cache, remat, remat_source = _compile_counting_remat(
+      probe, lambda: step.lower(state, images, ae_params, key), count_remat_warnings)
+  result.update(communication(compiled, model, state, ae_params, images, mesh), remat_warnings=remat,
+                remat_warnings_source=remat_source)
   call = lambda s: compiled(s, images, ae_params, key)
   for _ in range(warmup):
     state, metrics = call(state)
@@ -183,7 +254,7 @@ def benchmark_batch(config, batch_size: int, *, mesh, dataset, steps: int, warmu
 def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: int = 20, warmup: int = 2,
                   sample_steps: int | None = None, encode_batches: int = 5, pipeline_batches: int = 30,
                   with_first_stage: bool = True, profile_steps: int = 0,
-                  profile_dir: str | None = None) -> dict[str, Any]:
+                  profile_dir: str | None = None, count_remat_warnings: bool = True) -> dict[str, Any]:
   """The report: devices, peak FLOP/s and one result per batch size (see the module docstring)."""
   validate_config(config)
   batch_sizes = list(batch_sizes or [config.train.batch_size])
@@ -192,7 +263,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
     perf.check_batch_divides(batch_size, len(devices))
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.")
-  dtype = config.train.compute_dtype
+  dtype = compute_dtype_name(config)  # "auto" resolved for these devices
   peak, peak_source = perf.device_peak_flops(devices[0], dtype)
   peaks = [peak]
   mesh = parallel.make_mesh(config.mesh)
@@ -201,7 +272,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   report = {
       "config": config.name, "device_kind": devices[0].device_kind, "platform": devices[0].platform,
       "num_devices": len(devices), "compute_dtype": dtype, "peak_source": peak_source,
-      "jax_version": jax.__version__,
+      "jax_version": jax.__version__, "mesh": dict(mesh.shape),
       "compilation_cache_dir": probe.path, "load_average_start": _load_average(), "results": [],
   }
   for batch_size in batch_sizes:
@@ -209,7 +280,8 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
         config, batch_size, mesh=mesh, dataset=dataset, steps=steps, warmup=warmup,
         sample_steps=config.sample.ddim_steps if sample_steps is None else sample_steps,
         encode_batches=encode_batches, pipeline_batches=pipeline_batches, with_first_stage=with_first_stage,
-        probe=probe, profile_steps=profile_steps, profile_dir=profile_dir))
+        probe=probe, profile_steps=profile_steps, profile_dir=profile_dir,
+        count_remat_warnings=count_remat_warnings))
     if devices[0].platform == "cpu":  # a measured peak: the machine's other users lower it while they run
       peaks.append(perf.device_peak_flops(devices[0], dtype)[0])
   # The best peak seen over the run: other processes only ever slow the matmul down, and an MFU against a
@@ -238,10 +310,12 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
 def format_report(report: dict[str, Any]) -> str:
   """A readable table of the report."""
   peak = report["peak_flops"]
+  mesh = "x".join(str(n) for n in report["mesh"].values()) if report.get("mesh") else "?"
   lines = [f"{report['config']} on {report['num_devices']} x {report['device_kind']} ({report['platform']}), "
+           f"mesh {mesh} (data x fsdp), "
            f"{report['compute_dtype']}; peak {_fmt(peak, 1e12, 3)} TFLOP/s ({report['peak_source']})"]
   header = ("batch", "step ms", "p90 ms", "img/s", "GFLOP/step", "TFLOP/s", "MFU", "compile s", "mem GB",
-            "sample ms/img", "encode img/s", "input img/s")
+            "sample ms/img", "encode img/s", "input img/s", "comm MB (min)", "remat")
   rows = [header]
   for r in report["results"]:
     rows.append((str(r["batch_size"]), _fmt(r["train_step_ms"]), _fmt(r["train_step_p90_ms"]),
@@ -249,7 +323,9 @@ def format_report(report: dict[str, Any]) -> str:
                  "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                  f"{r['compile_s']:.1f} ({r['compile_cache']})", _fmt(r["memory_bytes"], 1e9, 2),
                  _fmt(r["sample_ms_per_image"]), _fmt(r["encode_images_per_s"], 1, 0),
-                 _fmt(r["pipeline_images_per_s"], 1, 0)))
+                 _fmt(r["pipeline_images_per_s"], 1, 0),
+                 f"{_fmt(r['collective_bytes_per_step'], 1e6)} ({_fmt(r['min_collective_bytes_per_step'], 1e6)})",
+                 "-" if r["remat_warnings"] is None else str(r["remat_warnings"])))
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
   for r in report["results"]:

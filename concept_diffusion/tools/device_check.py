@@ -23,6 +23,7 @@ import ml_collections
 from concept_diffusion import parallel
 from concept_diffusion.checkpoint import first_line
 from concept_diffusion.tools import benchmark, lower
+from concept_diffusion.train import trainer
 
 
 def _check(report: dict[str, Any], name: str, fn: Callable[[], Any], say: Callable[[str], None]) -> Any:
@@ -48,7 +49,6 @@ def _lowering(config: ml_collections.ConfigDict, platform: str) -> list[dict[str
 
 
 def _smoke_training(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-  from concept_diffusion.train import trainer  # pylint: disable=g-import-not-at-top  (imports the data stack)
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.num_steps = steps
   config.train.log_every = max(1, steps // 5)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from concept_diffusion import parallel
-from concept_diffusion.tools import perf
+from concept_diffusion import perf
 
 
 def all_finite(metrics: dict[str, jax.Array]) -> jax.Array:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from concept_diffusion import interrupts
 from concept_diffusion.checkpoint import StageCheckpoints
-from concept_diffusion.tools import perf
+from concept_diffusion import perf
 from concept_diffusion.workdir import MetricWriter
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
