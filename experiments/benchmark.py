@@ -12,11 +12,14 @@ rematerialization" warnings; concept_diffusion/tools/collectives.py); with --pro
 goes (concept_diffusion/tools/profiling.py). docs/performance.md explains the numbers.
 """
 
+import sys
+
 from absl import flags, logging
+import jax
 from ml_collections import config_flags
 
 from concept_diffusion import parallel
-from concept_diffusion.tools import cli
+from concept_diffusion.tools import cli, launch
 from concept_diffusion.tools.benchmark import format_report, run_benchmark
 from concept_diffusion.workdir import write_json
 
@@ -40,13 +43,26 @@ _COUNT_REMAT = flags.DEFINE_bool(
     "count_remat_warnings", True, "Count GSPMD's involuntary-rematerialization warnings of the diffusion step; "
     "when the persistent cache served the step this compiles it once more with the cache off.")
 _JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
+_LOCAL_PROCESSES = flags.DEFINE_integer(
+    "local_processes", 1, "Measure N single-threaded processes of one JAX cluster on this host, one pinned per core "
+    "(encdiff-launch; the training mode docs/scaling.md describes for CPU hosts). Process 0 prints and writes.")
 flags.mark_flags_as_required(["config"])
+
+
+def _relaunch(processes: int) -> int:
+  """This command again, as `processes` processes of one cluster (without --local_processes)."""
+  args = [a for a in sys.argv[1:] if not a.startswith(("--local_processes", "-local_processes"))]
+  return launch.launch([sys.executable, "-m", "experiments.benchmark", *args], processes)
 
 
 def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  if _LOCAL_PROCESSES.value > 1:
+    if config.distributed.num_processes > 1 or config.distributed.coordinator_address:
+      raise ValueError("--local_processes starts its own cluster; leave out --config.distributed.*.")
+    sys.exit(_relaunch(_LOCAL_PROCESSES.value))
   parallel.maybe_initialize_distributed(config.distributed)
   cli.enable_compilation_cache()  # docs/performance.md: compile_cache says whether a compile was served by it
   try:
@@ -58,6 +74,8 @@ def _main(argv):
                          pipeline_batches=_PIPELINE_BATCHES.value, with_first_stage=_FIRST_STAGE.value,
                          profile_steps=_PROFILE_STEPS.value, profile_dir=_PROFILE_DIR.value,
                          count_remat_warnings=_COUNT_REMAT.value)
+  if jax.process_index() != 0:
+    return
   print(format_report(report))
   if _JSON.value:
     write_json(_JSON.value, report, indent=2)
