@@ -146,8 +146,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.01  # torch AdamW default
   train.ema_decay = 0.9999  # UNet only (paper: "all model parameters"; code: LitEma(self.model))
   train.scale_by_std = True  # scale_factor = 1/std(first batch latents)
-  # float32 (official) | bfloat16 | auto: bfloat16 where the hardware has it (TPUs, GPUs from Ampere on, CPUs with
-  # AVX512-BF16 or AMX; hardware.native_bf16), float32 elsewhere. Only the UNet computes in it: parameters, optimiser
+  # float32 (official) | bfloat16 | auto: bfloat16 where it is faster (TPUs, GPUs from Ampere on; not CPUs, where
+  # XLA:CPU's bf16 step measured slower even with AMX: hardware.native_bf16), float32 elsewhere. Only the UNet computes in it: parameters, optimiser
   # state, normalisation statistics, softmax and the loss stay float32. The accelerator recipes use auto.
   train.compute_dtype = "float32"
   train.num_steps = 40_000  # ~10 epochs of 480k at bs 128: where [fork] saw Shapes3D metrics saturate

@@ -9,7 +9,6 @@ from http import HTTPStatus
 import json
 import os
 import sys
-import textwrap
 import urllib.parse
 import urllib.request
 
@@ -24,29 +23,9 @@ from gcp_storage_emulator import server as emulator
 from gcp_storage_emulator.handlers import objects as emulator_objects
 
 BIN = os.path.dirname(sys.executable)
+TESTS = os.path.dirname(os.path.abspath(__file__))  # tiny_blocks.py: the dataset, for the subprocesses
 BUCKET = "bucket"
 
-# tests/conftest.py's 60-image dataset, as a module the console scripts import through config.extensions.
-EXTENSION = textwrap.dedent('''
-    import numpy as np
-    from concept_diffusion import data as data_lib
-
-    class TinyBlocks(data_lib.GroundTruthDataset):
-      name = "tiny_blocks"
-      factor_names = ("x", "y", "color")
-      factor_sizes = (3, 4, 5)
-      image_shape = (16, 16, 3)
-
-      def images(self, indices):
-        factors = self.index_to_factors(indices)
-        out = np.full((len(factors), 16, 16, 3), -1.0, np.float32)
-        for i, (x, y, c) in enumerate(factors):
-          out[i, 2 + 3 * y:6 + 3 * y, 2 + 4 * x:6 + 4 * x] = [c / 2 - 1, 1 - c / 2, 0.5]
-        return out
-
-    if "tiny_blocks" not in data_lib.known_datasets():
-      data_lib.register_dataset("tiny_blocks", lambda data_config: TinyBlocks())
-''')
 
 
 def _generation(storage, bucket: str, name: str | None) -> str:
@@ -136,19 +115,17 @@ def _run(args, cwd, env):
 
 def test_a_gs_workdir_lands_in_the_bucket_and_resumes_from_it(tmp_path, cache_dir, fake_gcs):
   endpoint, _ = fake_gcs
-  cwd, local_tmp, extensions = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "extensions"
-  for folder in (cwd, local_tmp, extensions):
+  cwd, local_tmp = tmp_path / "cwd", tmp_path / "tmp"
+  for folder in (cwd, local_tmp):
     folder.mkdir()
-  (extensions / "remote_tiny_blocks.py").write_text(EXTENSION)
   env = subprocess_env(cache_dir, 1, STORAGE_EMULATOR_HOST=endpoint, TENSORSTORE_GCS_HTTP_URL=endpoint,
                        GOOGLE_AUTH_TOKEN_FOR_TESTING="dummy", TMPDIR=str(local_tmp),
                        # gcsfs >= 2025 asks Google's storage-control API (real credentials) whether a bucket is
                        # hierarchical, and logs a warning per path when it cannot; the emulator has plain buckets.
                        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-                       PYTHONPATH=os.pathsep.join([str(extensions), os.environ.get("PYTHONPATH", "")]).rstrip(
-                           os.pathsep))
+                       PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
   workdir = f"gs://{BUCKET}/run"
-  train = ["encdiff-train", "--config=smoke", f"--workdir={workdir}", "--config.extensions=('remote_tiny_blocks',)",
+  train = ["encdiff-train", "--config=smoke", f"--workdir={workdir}", "--config.extensions=('tiny_blocks',)",
            "--config.data.name=tiny_blocks", "--config.first_stage.kind=none", "--config.train.num_steps=1",
            "--config.train.log_every=1", "--config.train.checkpoint_every=1", "--config.sample.final_figures=False"]
 

@@ -31,7 +31,7 @@ from concept_diffusion import parallel, states
 from concept_diffusion.config import validate_config
 from concept_diffusion.evaluation.encode import make_encode_step
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
-from concept_diffusion import perf
+from concept_diffusion import hardware, perf
 from concept_diffusion.tools import collectives, profiling
 from concept_diffusion.train import diffusion_stage, first_stage, trainer
 
@@ -271,6 +271,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   probe = _CacheProbe()
   report = {
       "config": config.name, "device_kind": devices[0].device_kind, "platform": devices[0].platform,
+      "cpu_bf16_flags": hardware.cpu_bf16_flags(), "processes": jax.process_count(),
       "num_devices": len(devices), "compute_dtype": dtype, "peak_source": peak_source,
       "jax_version": jax.__version__, "mesh": dict(mesh.shape),
       "compilation_cache_dir": probe.path, "load_average_start": _load_average(), "results": [],
