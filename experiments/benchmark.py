@@ -49,12 +49,6 @@ _LOCAL_PROCESSES = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config"])
 
 
-def _relaunch(processes: int) -> int:
-  """This command again, as `processes` processes of one cluster (without --local_processes)."""
-  args = [a for a in sys.argv[1:] if not a.startswith(("--local_processes", "-local_processes"))]
-  return launch.launch([sys.executable, "-m", "experiments.benchmark", *args], processes)
-
-
 def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -62,7 +56,9 @@ def _main(argv):
   if _LOCAL_PROCESSES.value > 1:
     if config.distributed.num_processes > 1 or config.distributed.coordinator_address:
       raise ValueError("--local_processes starts its own cluster; leave out --config.distributed.*.")
-    sys.exit(_relaunch(_LOCAL_PROCESSES.value))
+    # This command again as a cluster of processes, without the flag (so that they measure instead of relaunching).
+    sys.exit(launch.launch(launch.relaunch_command("experiments.benchmark", sys.argv[1:], "local_processes"),
+                           _LOCAL_PROCESSES.value))
   parallel.maybe_initialize_distributed(config.distributed)
   cli.enable_compilation_cache()  # docs/performance.md: compile_cache says whether a compile was served by it
   try:

@@ -7,8 +7,10 @@ import sys
 import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
+# The repo root (for `configs`) and this folder (for `tiny_blocks`, also when a subprocess imports tests.conftest).
+for _path in (REPO_ROOT, REPO_ROOT / "tests"):
+  if str(_path) not in sys.path:
+    sys.path.insert(0, str(_path))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The trainer pins JAX's non-partitionable threefry for its runs (train/trainer.py: XLA:CPU compiles parameter

@@ -354,16 +354,10 @@ def test_used_leaves_finds_the_parameters_a_function_reads():
   assert collectives.used_leaves(lambda t, x: t["encoder"] * x, tree, 2.0) == {"encoder": True, "decoder": False}
 
 
-def test_local_processes_relaunches_the_same_benchmark_as_a_cluster(monkeypatch):
-  """--local_processes=N runs this very command again through encdiff-launch (N processes of one cluster), without
-  the flag, so that the children measure instead of relaunching."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from experiments import benchmark as benchmark_cli  # pylint: disable=g-import-not-at-top
+def test_local_processes_relaunches_the_same_command_without_the_flag():
+  """encdiff-benchmark --local_processes=N runs itself again through encdiff-launch without that flag, so that the
+  launched processes measure instead of launching again (tools/launch.relaunch_command)."""
   from concept_diffusion.tools import launch  # pylint: disable=g-import-not-at-top
-  launched = []
-  monkeypatch.setattr(launch, "launch", lambda command, processes: launched.append((command, processes)) or 0)
-  monkeypatch.setattr(sys, "argv", ["encdiff-benchmark", "--config=smoke", "--local_processes=2", "--batch_sizes=8"])
-  assert benchmark_cli._relaunch(2) == 0  # pylint: disable=protected-access
-  ((command, processes),) = launched
-  assert processes == 2
-  assert command == [sys.executable, "-m", "experiments.benchmark", "--config=smoke", "--batch_sizes=8"]
+  argv = ["--config=smoke", "--local_processes=2", "--batch_sizes=8", "--local_processes", "3", "--local_processes_x=1"]
+  assert launch.relaunch_command("experiments.benchmark", argv, "local_processes") == [
+      sys.executable, "-m", "experiments.benchmark", "--config=smoke", "--batch_sizes=8", "--local_processes_x=1"]

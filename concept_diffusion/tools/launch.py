@@ -39,6 +39,20 @@ def process_env(base: dict[str, str], single_thread: bool) -> dict[str, str]:
   return env
 
 
+def relaunch_command(module: str, argv: list[str], drop_flag: str) -> list[str]:
+  """`python -m module argv...` without the flag `drop_flag` (e.g. the one that asked for the relaunch, so that the
+  launched processes run the command instead of launching again)."""
+  kept, skip_value = [], False
+  for arg in argv:
+    if skip_value:
+      skip_value = False
+    elif arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] == drop_flag:
+      skip_value = "=" not in arg  # `--flag value`: the value goes too
+    else:
+      kept.append(arg)
+  return [sys.executable, "-m", module, *kept]
+
+
 def core_sets(num_processes: int, available: Sequence[int]) -> list[set[int]]:
   """The cores each process is pinned to: the available cores dealt out in order, as evenly as they go (with more
   processes than cores, processes share cores round-robin)."""
