@@ -1,10 +1,12 @@
 """Several JAX processes on one CPU host, one per core (experiments/launch.py).
 
-XLA:CPU runs one process's step at about half of a core's peak on each extra core it threads over (measured in
-docs/performance.md); N single-threaded processes, each pinned to its own core and holding 1/N of the batch,
-keep every core on its own matmuls and exchange only the gradients (gloo all-reduce over localhost). The
-processes form one JAX cluster through the multi-process path a pod uses (config.distributed): process 0 runs
-the coordinator on a free localhost port, and the results are those of one process holding all the devices.
+XLA:CPU gains only 1.2-1.4x from a second core when it threads one step (docs/performance.md); N single-threaded
+processes, each pinned to its own core and holding 1/N of the batch, keep every core on its own work and exchange
+only the gradients (gloo all-reduce over localhost). The processes form one JAX cluster through the multi-process
+path a pod uses (config.distributed): process 0 runs the coordinator on a free localhost port, and the results are
+those of one process holding all the devices. Whether it is faster depends on the host: on the 2-core development
+VM it was slower than XLA's threads (docs/performance.md, "bf16 and processes on a CPU"); measure with
+`encdiff-benchmark --local_processes=N`.
 """
 from __future__ import annotations
 
