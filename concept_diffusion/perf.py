@@ -155,6 +155,14 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
   return {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90))}
 
 
+def run_peak_flops(per_device: float | None, platform: str) -> float | None:
+  """The peak of all the run's devices from one device's: x devices, but on CPU x processes, since one process's
+  (fake) CPU devices share the cores its measured matmul already used."""
+  if per_device is None:
+    return None
+  return per_device * (jax.process_count() if platform == "cpu" else jax.device_count())
+
+
 class LoopMfu:
   """MFU of a training loop's step, for its log records: the compiled step's FLOPs (`step.flops_per_step`, all
   devices, known once the step has run) at the measured steps/s, over the devices' peak. The peak is published
@@ -167,15 +175,15 @@ class LoopMfu:
     self._measured = False
 
   def peak_flops(self) -> float | None:
-    """All devices of the run: per-device peak x devices (x processes on CPU, whose fake devices share cores)."""
+    """All devices of the run (run_peak_flops)."""
     if not self._measured:
       self._measured = True
       device = jax.local_devices()[0]
       if device.platform == "cpu":
-        self._peak = measure_matmul_peak(self.dtype, size=1024, repeats=5, device=device) * jax.process_count()
+        peak = measure_matmul_peak(self.dtype, size=1024, repeats=5, device=device)
       else:
         peak = published_peak_flops(device.device_kind, self.dtype)
-        self._peak = None if peak is None else peak * jax.device_count()
+      self._peak = run_peak_flops(peak, device.platform)
     return self._peak
 
   def __call__(self, steps_per_s: float) -> float | None:

@@ -288,9 +288,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   # The best peak seen over the run: other processes only ever slow the matmul down, and an MFU against a
   # momentarily depressed peak would flatter the step (and could exceed 100%).
   peak = None if peaks[0] is None else max(peaks)
-  # CPU "devices" of one process (--xla_force_host_platform_device_count) share the cores the matmul already used.
-  per_host = devices[0].platform == "cpu"
-  total_peak = None if peak is None else peak * (jax.process_count() if per_host else len(devices))
+  total_peak = perf.run_peak_flops(peak, devices[0].platform)
   report.update(peak_flops=total_peak, peak_flops_per_device=peak,
                 peak_flops_samples=[p for p in peaks if p is not None], load_average_end=_load_average())
   for result in report["results"]:
@@ -304,7 +302,7 @@ def _load_average() -> list[float] | None:
   return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
-def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+def format_number(value: Any, scale: float = 1.0, digits: int = 1) -> str:
   return "-" if value is None else f"{value / scale:.{digits}f}"
 
 
@@ -314,26 +312,26 @@ def format_report(report: dict[str, Any]) -> str:
   mesh = "x".join(str(n) for n in report["mesh"].values()) if report.get("mesh") else "?"
   lines = [f"{report['config']} on {report['num_devices']} x {report['device_kind']} ({report['platform']}), "
            f"mesh {mesh} (data x fsdp), "
-           f"{report['compute_dtype']}; peak {_fmt(peak, 1e12, 3)} TFLOP/s ({report['peak_source']})"]
+           f"{report['compute_dtype']}; peak {format_number(peak, 1e12, 3)} TFLOP/s ({report['peak_source']})"]
   header = ("batch", "step ms", "p90 ms", "img/s", "GFLOP/step", "TFLOP/s", "MFU", "compile s", "mem GB",
             "sample ms/img", "encode img/s", "input img/s", "comm MB (min)", "remat")
   rows = [header]
   for r in report["results"]:
-    rows.append((str(r["batch_size"]), _fmt(r["train_step_ms"]), _fmt(r["train_step_p90_ms"]),
-                 _fmt(r["images_per_s"]), _fmt(r["flops_per_step"], 1e9), _fmt(r["achieved_flops_per_s"], 1e12, 3),
+    rows.append((str(r["batch_size"]), format_number(r["train_step_ms"]), format_number(r["train_step_p90_ms"]),
+                 format_number(r["images_per_s"]), format_number(r["flops_per_step"], 1e9), format_number(r["achieved_flops_per_s"], 1e12, 3),
                  "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-                 f"{r['compile_s']:.1f} ({r['compile_cache']})", _fmt(r["memory_bytes"], 1e9, 2),
-                 _fmt(r["sample_ms_per_image"]), _fmt(r["encode_images_per_s"], 1, 0),
-                 _fmt(r["pipeline_images_per_s"], 1, 0),
-                 f"{_fmt(r['collective_bytes_per_step'], 1e6)} ({_fmt(r['min_collective_bytes_per_step'], 1e6)})",
+                 f"{r['compile_s']:.1f} ({r['compile_cache']})", format_number(r["memory_bytes"], 1e9, 2),
+                 format_number(r["sample_ms_per_image"]), format_number(r["encode_images_per_s"], 1, 0),
+                 format_number(r["pipeline_images_per_s"], 1, 0),
+                 f"{format_number(r['collective_bytes_per_step'], 1e6)} ({format_number(r['min_collective_bytes_per_step'], 1e6)})",
                  "-" if r["remat_warnings"] is None else str(r["remat_warnings"])))
   widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
   lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
   for r in report["results"]:
     if r.get("first_stage_compile_s") is not None:
       lines.append(f"batch {r['batch_size']}: first-stage step compiles in {r['first_stage_compile_s']:.1f} s, "
-                   f"{_fmt(r['first_stage_flops_per_step'], 1e9)} GFLOP/step; DDIM {r['sample_steps']} steps "
-                   f"(compile {_fmt(r['sample_compile_s'])} s)")
+                   f"{format_number(r['first_stage_flops_per_step'], 1e9)} GFLOP/step; DDIM {r['sample_steps']} steps "
+                   f"(compile {format_number(r['sample_compile_s'])} s)")
   for r in report["results"]:
     if r.get("profile"):
       lines.append(f"batch {r['batch_size']}: " + profiling.format_profile(r["profile"]))

@@ -102,10 +102,6 @@ def run_device_check(benchmark_config: ml_collections.ConfigDict, smoke_config: 
   return report
 
 
-def _num(value: Any, scale: float = 1.0, digits: int = 1) -> str:
-  return "-" if value is None else f"{value / scale:.{digits}f}"
-
-
 def format_markdown(report: dict[str, Any]) -> str:
   """The report as Markdown: what ran where, one row per (dtype, batch size), then each check's outcome."""
   lines = [f"Device check, {report['date']}: {report['num_devices']} x {report['device_kind']} "
@@ -114,14 +110,15 @@ def format_markdown(report: dict[str, Any]) -> str:
   if smoke:
     lines += [f"Smoke training: {smoke['steps']} steps in {smoke['wall_s']} s (compilation included), final loss "
               f"{smoke['loss']:.4f}, {smoke['images_per_s']:.0f} img/s at the last log point.", ""]
+  num = benchmark.format_number
   lines += ["| dtype | batch | step ms | img/s | MFU | memory GB (XLA plan) | peak GB | compile s | DDIM ms/img |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in report["benchmark"]:
-    ddim = f"{_num(r['sample_ms_per_image'], 1, 2)} ({r['sample_steps']} steps)" if r["sample_steps"] else "-"
+    ddim = f"{num(r['sample_ms_per_image'], 1, 2)} ({r['sample_steps']} steps)" if r["sample_steps"] else "-"
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    lines.append(f"| {r['compute_dtype']} | {r['batch_size']} | {_num(r['train_step_ms'])} | "
-                 f"{_num(r['images_per_s'], 1, 0)} | {mfu} | {_num(r['memory_bytes'], 1e9, 2)} | "
-                 f"{_num(r['peak_device_memory_bytes'], 1e9, 2)} | {_num(r['compile_s'])} | {ddim} |")
+    lines.append(f"| {r['compute_dtype']} | {r['batch_size']} | {num(r['train_step_ms'])} | "
+                 f"{num(r['images_per_s'], 1, 0)} | {mfu} | {num(r['memory_bytes'], 1e9, 2)} | "
+                 f"{num(r['peak_device_memory_bytes'], 1e9, 2)} | {num(r['compile_s'])} | {ddim} |")
   lines += ["", "| check | result | seconds |", "|---|---|---:|"]
   for name, c in report["checks"].items():
     outcome = "ok" if c["ok"] else "FAILED: " + c["error"].replace("|", "\\|")
