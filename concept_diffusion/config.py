@@ -41,10 +41,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.source = "auto"
   # Where compressed downloads are converted once to memory-mapped .npy, and where the canonical order of TFDS
   # records is cached; "" = beside the data (manual_dir, or the TFDS dataset's folder; ~/.cache for gs://).
+  # procedural_shapes with data.supersample > 1: where its render cache goes; "" = no cache (render every batch).
   config.data.cache_dir = ""
   # () = the dataset's official factor sizes; otherwise the sizes the data must have, e.g. MPI3D real_complex
   # (4, 4, 2, 3, 3, 40, 40) read as data.name=mpi3d_real. Data with other sizes is an error, never reshaped.
   config.data.factor_sizes = ()
+  # procedural_shapes only: s x s rays per pixel, box-filtered (and rounded to 8 bits), so that edges are
+  # anti-aliased like the real 3dshapes renders (4 in the procedural configs). 1 = one ray through each pixel's
+  # centre: hard edges, where at 32x32 one step of scale flips ~36 edge pixels all the way; the default only
+  # because a workdir saved before this field existed was rendered so. With data.cache_dir set, the whole dataset
+  # is rendered once into a uint8 .npy there and read afterwards (evaluation would otherwise re-cast 16 rays per
+  # pixel of all 480,000 images).
+  config.data.supersample = 1
   config.data.loader_threads = 4  # grain threads that read/decode this process's share of each batch
   config.data.prefetch_batches = 8  # batches read ahead of the train step (>= loader_threads keeps them busy)
 
@@ -89,6 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   enc.token_dim = 16  # context_dim; paper text says 32 ("following DisDiff"), the code and the 42.3M count say 16
   enc.width = 128  # d
   enc.mlp_widths = (64, 128)
+  # Stride of each of Encoder4's four 4x4 convolutions (official: all 2, so 64x64 -> 4x4). A stride of 1 keeps the
+  # map's size ("same" padding), e.g. (2, 2, 2, 1) keeps the official 4x4 map on 32x32 images instead of 2x2:
+  # the object is then still a cell of its own before the flatten.
+  enc.strides = (2, 2, 2, 2)
   enc.bn_momentum = 0.9  # PyTorch momentum 0.1
   enc.bn_eps = 1e-5
 
@@ -103,6 +115,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   unet.use_scale_shift_norm = True
   unet.resblock_updown = True
   unet.norm_groups = 32
+  # Space-to-depth stem: the UNet sees each p x p patch of x_t as one position with p*p*C channels and predicts
+  # the noise back through the inverse (pixel shuffle). 1 = official. The map is exact and orthogonal, so the
+  # model, the noise and the loss are the pixel-space ones; only the UNet works at 1/p of the resolution (on a CPU
+  # the full-resolution level is most of the step). attention_resolutions count from the patch grid.
+  unet.patch_size = 1
   # How the tokens reach the UNet (a registered conditioning, models/conditioning.py). cross_attention: keys/values of every SpatialTransformer (official, the paper's
   # model). adagn: the paper's Table 3 ablation "EncDiff w/ AdaGN" -- tokens concatenated into one vector that scales
   # each ResBlock's normalised features as Diff-AE's AdaGN does; the transformers keep self-attention + MLP only.
@@ -144,6 +161,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.lr = 2.56e-4  # paper: 1e-4; official: base 2e-6 x batch 128 (--scale_lr)
   train.warmup_steps = 10_000  # LambdaLinearScheduler, from 1e-6*lr to lr, then constant
   train.weight_decay = 0.01  # torch AdamW default
+  # Clip the gradient's global norm to this before AdamW; 0 = off (official: Lightning's default, no clipping).
+  # Short CPU runs at a higher learning rate use it so that a rare large gradient cannot undo the warm-up.
+  train.grad_clip_norm = 0.0
   train.ema_decay = 0.9999  # UNet only (paper: "all model parameters"; code: LitEma(self.model))
   train.scale_by_std = True  # scale_factor = 1/std(first batch latents)
   # float32 (official) | bfloat16 | auto: bfloat16 where it is faster (TPUs, GPUs from Ampere on; not CPUs, where
@@ -251,7 +271,8 @@ def _unit(v): return 0 <= v <= 1
 NUMERIC_DOMAINS = (
     (("train.lr", "first_stage.lr", "baseline.lr", "baseline.eps", "encoder.bn_eps", "diffusion.linear_start",
       "diffusion.linear_end"), _positive, "> 0"),
-    (("train.num_steps", "first_stage.num_steps", "baseline.num_steps", "train.warmup_steps", "train.weight_decay", "first_stage.beta",
+    (("train.num_steps", "first_stage.num_steps", "baseline.num_steps", "train.warmup_steps", "train.weight_decay",
+      "train.grad_clip_norm", "first_stage.beta",
       "first_stage.kl_weight", "first_stage.pixel_weight", "first_stage.perceptual_weight",
       "first_stage.codebook_weight", "first_stage.disc_start", "first_stage.disc_weight", "first_stage.disc_factor",
       "diffusion.cosine_s", "sample.eta", "eval.every", "eval.seed", "train.figure_every", "data.loader_threads",
@@ -264,7 +285,7 @@ NUMERIC_DOMAINS = (
       "encoder.width", "unet.model_channels", "unet.num_heads", "unet.transformer_depth", "unet.norm_groups",
       "unet.num_res_blocks", "first_stage.ch", "first_stage.num_res_blocks", "first_stage.z_channels",
       "first_stage.embed_dim", "first_stage.n_embed", "first_stage.norm_groups", "first_stage.disc_ndf",
-      "baseline.latent_dim", "mesh.fsdp"), _at_least_one, ">= 1"),
+      "baseline.latent_dim", "mesh.fsdp", "data.supersample", "unet.patch_size"), _at_least_one, ">= 1"),
     (("unet.dropout", "first_stage.dropout", "encoder.bn_momentum", "first_stage.b1", "first_stage.b2",
       "baseline.b1", "baseline.b2"), _fraction, "in [0, 1)"),
     (("train.ema_decay", "diffusion.linear_end"), _unit, "in [0, 1]"),
@@ -282,6 +303,10 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
       (config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data must be -1 (all devices fsdp leaves) or >= 1"),
       (config.sample.ddim_steps <= config.diffusion.timesteps,
        f"sample.ddim_steps={config.sample.ddim_steps} must be <= diffusion.timesteps={config.diffusion.timesteps}"),
+      (config.data.image_size % config.unet.patch_size == 0 or config.first_stage.kind != "none",
+       f"unet.patch_size={config.unet.patch_size} must divide data.image_size={config.data.image_size}"),
+      (all(s in (1, 2) for s in config.encoder.strides) and len(config.encoder.strides) == 4,
+       f"encoder.strides={tuple(config.encoder.strides)} must be four strides of 1 or 2 (Encoder4's convolutions)"),
       (config.diffusion.linear_start < config.diffusion.linear_end,
        "diffusion.linear_start must be < diffusion.linear_end"),
       # Without a trained first stage the diffusion stage would train on a random autoencoder.

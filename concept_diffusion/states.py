@@ -122,8 +122,11 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Sch
 
 def make_optimizer(train_config: ml_collections.ConfigDict,
                    lr_schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with torch's defaults (weight decay 0.01 in the official config)."""
-  return optax.adamw(lr_schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay)
+  """AdamW with torch's defaults (weight decay 0.01 in the official config), after clipping the gradient's global
+  norm to train.grad_clip_norm when that is > 0 (official: no clipping)."""
+  adamw = optax.adamw(lr_schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay)
+  clip = train_config.get("grad_clip_norm", 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
 def build_diffusion(config: ml_collections.ConfigDict) -> tuple[EncDiff, optax.GradientTransformation, optax.Schedule]:

@@ -11,4 +11,5 @@ from concept_diffusion.config import get_base_config
 def get_config() -> ml_collections.ConfigDict:
   config = get_base_config()
   config.name = "procedural_shapes"
+  config.data.supersample = 4  # anti-aliased edges, as the real 3dshapes renders (config.py)
   return config

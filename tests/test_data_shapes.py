@@ -240,3 +240,61 @@ def test_stored_datasets_cannot_render_on_device():
   with pytest.raises(NotImplementedError, match="cannot render on device"):
     Stored().images_jax(jnp.zeros(1, jnp.int32))
   assert Stored().images_from_factors([[1]]).shape == (1, 4, 4, 1)
+
+
+# --- anti-aliasing and the render cache ---------------------------------------------------------------------
+
+
+def test_supersampling_is_the_box_filter_of_a_finer_render():
+  """4x4 rays per pixel = the 64x64 one-ray render averaged over 4x4 blocks (then rounded to 8 bits): edges get
+  the partial coverage the real 3dshapes renders have, and no pixel moves by more than the rounding."""
+  factors = np.array([[0, 3, 6, 0, CUBE, 7], [2, 5, 8, 7, SPHERE, 0], [4, 1, 2, 3, CAPSULE, 14]], np.int32)
+  fine = np.asarray(shapes.render(factors, image_size=64))
+  box = fine.reshape(3, 16, 4, 16, 4, 3).mean(axis=(2, 4))
+  smooth = np.asarray(shapes.render(factors, image_size=16, supersample=4))
+  np.testing.assert_allclose(smooth, box, atol=1.0 / 255 + 1e-6)
+  levels = (smooth + 1.0) * 127.5
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # 8-bit values
+  # Edge pixels mix object and background: values that the hard-edged 16x16 render never has.
+  hard = np.asarray(shapes.render(factors, image_size=16))
+  blended = np.abs(smooth - hard).max(-1) > 0.05
+  assert 5 <= blended.sum(axis=(1, 2)).min() and blended.mean() < 0.5
+
+
+@pytest.mark.parametrize("supersample", [0, -1, 2.0, "4", True])
+def test_bad_supersample(supersample):
+  with pytest.raises(ValueError, match="data.supersample"):
+    shapes.ProceduralShapes3D(image_size=16, supersample=supersample)
+
+
+class _TinyShapes(shapes.ProceduralShapes3D):
+  """32 factor combinations, so that a whole render cache is built in a second."""
+  factor_sizes = (2, 2, 1, 2, 2, 2)
+
+
+def test_render_cache_gives_the_rendered_pixels_and_is_built_once(tmp_path, monkeypatch):
+  uncached = _TinyShapes(image_size=16, supersample=2)
+  assert uncached.renders_on_device
+  cached = _TinyShapes(image_size=16, supersample=2, cache_dir=str(tmp_path))
+  assert not cached.renders_on_device  # training and evaluation read the cache on the host
+  files = sorted(p.name for p in tmp_path.iterdir())
+  assert files == ["procedural_shapes_16px_supersample2.npy", "procedural_shapes_16px_supersample2.npy.json"]
+  indices = np.array([31, 0, 17, 5, 5])
+  np.testing.assert_allclose(cached.images(indices), uncached.images(indices), atol=1e-6)
+  np.testing.assert_allclose(cached.images(indices), np.asarray(uncached.images_jax(jnp.asarray(indices))), atol=1e-6)
+  with pytest.raises(ValueError, match="out of range"):
+    cached.images(np.array([32]))
+
+  def no_render(*args):
+    raise AssertionError("the cache was rendered again")
+  monkeypatch.setattr(_TinyShapes, "_render_host", no_render)
+  again = _TinyShapes(image_size=16, supersample=2, cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(again.images(indices), cached.images(indices))
+  # Without supersampling there is nothing to cache: rendering one ray per pixel is as fast as reading.
+  assert _TinyShapes(image_size=16, supersample=1, cache_dir=str(tmp_path)).renders_on_device
+
+
+def test_config_passes_supersample():
+  ds = data.get_dataset(_data_config(image_size=16, supersample=2))
+  assert (ds.supersample, ds.renders_on_device) == (2, True)
+  assert _data_config().supersample == 4  # the procedural configs render anti-aliased

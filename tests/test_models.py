@@ -137,3 +137,85 @@ def test_summary_cli_reports_the_official_counts():
   counts = json.loads(proc.stdout.strip().splitlines()[-1])
   assert counts == {"unet": 37_469_635, "encoder": 1_164_052, "token_mlps": 210_240, "first_stage": 3_478_078,
                     "total": 42_322_005}
+
+
+def test_space_to_depth_round_trip_and_layout():
+  from concept_diffusion.models.unet import depth_to_space, space_to_depth
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  patches = space_to_depth(x, 2)
+  assert patches.shape == (2, 4, 4, 12)
+  np.testing.assert_array_equal(patches[1, 2, 3], x[1, 4:6, 6:8].reshape(-1))  # one 2x2 patch, row-major
+  np.testing.assert_array_equal(depth_to_space(patches, 2), x)
+  assert space_to_depth(x, 1) is x
+
+
+def test_patch_stem_unet_works_on_the_patch_grid():
+  config = smoke.get_config()
+  config.unet.patch_size = 2
+  unet = build_unet(config.unet, 3)
+  x, t = jnp.ones((2, 8, 8, 3)), jnp.array([3, 70])
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (2, config.encoder.num_tokens, config.encoder.token_dim))
+  params = jax.jit(unet.init)(jax.random.PRNGKey(0), x, t, ctx)
+  assert params["params"]["input_blocks_0_0"]["kernel"].shape[-2] == 12  # 2x2x3 channels in
+  assert params["params"]["out_2"]["kernel"].shape[-1] == 12
+  params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  out, inter = unet.apply(params, x, t, ctx, mutable=["intermediates"])
+  assert out.shape == x.shape
+  shapes = {leaf.shape[2] for leaf in jax.tree_util.tree_leaves(inter)}
+  assert max(shapes) == 16  # cross-attention queries: the 4x4 patch grid at the first level, not 8x8 pixels
+  # Each output patch depends on its own input patch (and neighbours), so shuffling back is not a relabelling.
+  moved = unet.apply(params, x.at[:, :2, :2].set(-1.0), t, ctx)
+  assert float(jnp.abs(moved - out)[:, :2, :2].max()) > 0
+
+
+def test_encoder_strides_of_one_keep_the_map():
+  config = smoke.get_config()
+  config.encoder.strides = (2, 2, 2, 1)
+  enc = build_encoder(config.encoder)
+  x = jnp.zeros((1, 32, 32, 3))
+  params = jax.eval_shape(enc.init, jax.random.PRNGKey(0), x)["params"]
+  assert params["encoder_16"]["kernel"].shape[0] == 4 * 4 * config.encoder.width  # 32 -> 16 -> 8 -> 4 -> 4
+  config.encoder.strides = (2, 2, 2, 2)
+  params = jax.eval_shape(build_encoder(config.encoder).init, jax.random.PRNGKey(0), x)["params"]
+  assert params["encoder_16"]["kernel"].shape[0] == 2 * 2 * config.encoder.width
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("unet.patch_size", 3, "must divide data.image_size"), ("unet.patch_size", 0, ">= 1"),
+    ("encoder.strides", (2, 2, 3, 1), "four strides of 1 or 2"), ("encoder.strides", (2, 2), "four strides"),
+    ("train.grad_clip_norm", -1.0, ">= 0")])
+def test_stem_and_clipping_fields_are_validated(field, value, message):
+  config = smoke.get_config()
+  config.first_stage.kind = "none"
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(config)
+
+
+def test_gradient_clipping_rescales_the_gradient_before_adamw():
+  import optax
+  from concept_diffusion.states import make_optimizer
+  config = smoke.get_config()
+  params = {"w": jnp.zeros(4)}
+  grads = [{"w": jnp.array([3e4, -4e4, 0.0, 1.0])}, {"w": jnp.array([0.1, 0.2, -0.3, 0.4])}]  # norms 5e4, 0.55
+  config.train.grad_clip_norm = 1.0
+  clipped_tx = make_optimizer(config.train, lambda step: 1e-3)
+  config.train.grad_clip_norm = 0.0  # the official optimiser
+  plain_tx = make_optimizer(config.train, lambda step: 1e-3)
+
+  def run(tx, gs):
+    state, updates = tx.init(params), []
+    for g in gs:
+      u, state = tx.update(g, state, params)
+      updates.append(u["w"])
+    return updates
+
+  clip = optax.clip_by_global_norm(1.0)
+  by_hand = [clip.update(g, clip.init(params))[0] for g in grads]
+  np.testing.assert_allclose(run(clipped_tx, grads)[1], run(plain_tx, by_hand)[1], rtol=1e-5)
+  # Unclipped, the huge first gradient dominates Adam's moments and the second update barely sees the second
+  # gradient: the first two components move by equal amounts, where clipped they do not.
+  unclipped, clipped = run(plain_tx, grads)[1], run(clipped_tx, grads)[1]
+  np.testing.assert_allclose(abs(float(unclipped[0])), abs(float(unclipped[1])), rtol=1e-3)
+  assert abs(float(clipped[0])) > 1.5 * abs(float(clipped[1]))

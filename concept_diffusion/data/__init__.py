@@ -54,7 +54,9 @@ def get_dataset(data_config: Any) -> GroundTruthDataset:
 
 
 def _build_procedural_shapes(data_config: Any) -> GroundTruthDataset:
-  return ProceduralShapes3D(image_size=_field(data_config, "image_size"))
+  return ProceduralShapes3D(image_size=_field(data_config, "image_size"),
+                            supersample=_field(data_config, "supersample", 1),
+                            cache_dir=_field(data_config, "cache_dir", ""))
 
 
 def _build_procedural_dsprites(data_config: Any) -> GroundTruthDataset:

@@ -41,12 +41,14 @@ class ConceptEncoder(nn.Module):
   mlp_widths: Sequence[int] = (64, 128)
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  strides: Sequence[int] = (2, 2, 2, 2)  # of the four 4x4 convolutions; 1 keeps the size (config encoder.strides)
 
   def setup(self):
     bn = dict(momentum=self.bn_momentum, epsilon=self.bn_eps)
-    pad = ((1, 1), (1, 1))
-    self.convs = [nn.Conv(self.width, (4, 4), strides=(2, 2), padding=pad, kernel_init=torch_kernel_init,
-                          name=f"encoder_{i}") for i in (0, 3, 6, 8)]
+    # A 4x4 kernel at stride 2 with padding 1 halves the map; at stride 1 it needs 1 + 2 to keep it.
+    pads = {2: ((1, 1), (1, 1)), 1: ((1, 2), (1, 2))}
+    self.convs = [nn.Conv(self.width, (4, 4), strides=(s, s), padding=pads[s], kernel_init=torch_kernel_init,
+                          name=f"encoder_{i}") for i, s in zip((0, 3, 6, 8), self.strides)]
     self.norms = [nn.BatchNorm(name=f"encoder_{i}", **bn) for i in (1, 4, 7, 9, 12)]
     self.res = [_EncResBlock(self.width, bn, name=f"encoder_{i}") for i in (11, 14)]
     self.head = nn.Dense(self.num_tokens, kernel_init=torch_kernel_init, name="encoder_16")
@@ -109,4 +111,4 @@ def _stacked_uniform(fan_in: int):
 def build_encoder(enc_config) -> ConceptEncoder:
   return ConceptEncoder(num_tokens=enc_config.num_tokens, token_dim=enc_config.token_dim, width=enc_config.width,
                         mlp_widths=tuple(enc_config.mlp_widths), bn_momentum=enc_config.bn_momentum,
-                        bn_eps=enc_config.bn_eps)
+                        bn_eps=enc_config.bn_eps, strides=tuple(enc_config.get("strides", (2, 2, 2, 2))))

@@ -52,6 +52,8 @@ class UNet(nn.Module):
   # Paper Table 3's "EncDec w/o Diff": x is replaced by one learned tensor (initialised N(0, 1), shared by the
   # batch), so the output can depend on the image only through the tokens.
   learned_input: bool = False
+  # Space-to-depth stem (config unet.patch_size): the UNet runs on (H/p, W/p, p*p*C) and its output is shuffled back.
+  patch_size: int = 1
 
   def _res(self, ch: int, name: str, resample: str = "none") -> ResBlock:
     # static_argnums counts `self`: 3 is `train` in block(x, emb, train, cond).
@@ -86,6 +88,7 @@ class UNet(nn.Module):
 
     if self.learned_input:
       x = jnp.broadcast_to(self.param("learned_input", nn.initializers.normal(1.0), (1,) + x.shape[1:]), x.shape)
+    x = space_to_depth(x, self.patch_size)
     h = parallel.shard_batch(conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype,
                                   impl=self.conv_impl)(parallel.shard_batch(x.astype(self.dtype))))
     skips, chans = [h], [self.model_channels]
@@ -135,9 +138,29 @@ class UNet(nn.Module):
         block += 1
 
     h = parallel.shard_batch(nn.silu(group_norm(self.norm_groups, "out_0")(h)).astype(self.dtype))
-    out = parallel.shard_batch(conv(self.out_channels, 3, "out_2", zero_init=True, dtype=self.dtype,
-                                    impl=self.conv_impl)(h))
-    return out.astype(jnp.float32)
+    out = parallel.shard_batch(conv(self.out_channels * self.patch_size ** 2, 3, "out_2", zero_init=True,
+                                    dtype=self.dtype, impl=self.conv_impl)(h))
+    return depth_to_space(out, self.patch_size).astype(jnp.float32)
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch becomes one position (channels row, column, C)."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  if h % p or w % p:
+    raise ValueError(f"unet.patch_size={p} must divide the UNet's input size {h}x{w}.")
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of `space_to_depth`."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
 
 
 def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32, learned_input: bool = False) -> UNet:
@@ -148,4 +171,4 @@ def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32, lear
               use_scale_shift_norm=unet_config.use_scale_shift_norm, resblock_updown=unet_config.resblock_updown,
               norm_groups=unet_config.norm_groups, conditioning=unet_config.conditioning, dtype=dtype,
               conv_impl=unet_config.conv_impl, attention_impl=unet_config.attention_impl, remat=unet_config.remat,
-              learned_input=learned_input)
+              learned_input=learned_input, patch_size=unet_config.get("patch_size", 1))
