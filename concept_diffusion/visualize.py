@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from concept_diffusion.evaluation.evaluate import token_factor_matrix
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
 from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_history, eval_path, eval_steps, figure_path,
                                        load_npy, read_metrics)
@@ -150,16 +151,16 @@ def plot_metric_history(history: Sequence[dict], path: str) -> None:
 # The figures of a run (swap grid, attention maps, traversals, reconstructions, samples, curves, DCI).
 
 def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
-  """'token k' plus the factor it explains most (DCI importance); '(uninformative)' when its importance is
-  below 5% of the most important token's."""
+  """'token k' plus the factor it explains most (DCI importance, else MIG's mutual information; see
+  evaluate.token_factor_matrix); '(uninformative)' when its total is below 5% of the most informative token's."""
   labels = [f"token {k}" for k in range(num_tokens)]
-  if not evaluation or "dci.importance_matrix" not in evaluation:
+  importance, _ = token_factor_matrix(evaluation)
+  if importance is None:
     return labels
-  importance = np.asarray(evaluation["dci.importance_matrix"])
   names = evaluation.get("factor_names") or [f"factor {j}" for j in range(importance.shape[1])]
   total = importance.sum(axis=1)
   for k in range(min(num_tokens, importance.shape[0])):
-    labels[k] += (f" {names[int(importance[k].argmax())]}" if total[k] >= 0.05 * total.max()
+    labels[k] += (f" -> {names[int(importance[k].argmax())]}" if total[k] >= 0.05 * total.max()
                   else " (uninformative)")
   return labels
 

@@ -50,7 +50,7 @@ def _main(argv):
                                                  metrics=_METRICS.value, ae_params=run.ae_params)
   print(f"{config.data.name} step {step}{source}")
   print(evaluate.format_table(scores))
-  per_factor = evaluate.format_per_factor(extras, dataset.factor_names)
+  per_factor = evaluate.describe_step(workdir, step) if extras else ""
   if per_factor:
     print(per_factor)
 

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Evaluation and figures, handed to the trainer (it imports neither).
 HOOKS = trainer.Hooks(evaluate=evaluate.evaluation_hook, figures=visualize.figures_hook,
-                      format_scores=evaluate.format_table)
+                      format_scores=evaluate.format_table, describe=evaluate.describe_hook)
 
 
 def _main(argv):

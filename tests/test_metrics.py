@@ -405,3 +405,9 @@ def test_per_factor_scores_average_to_the_scalars_and_single_out_a_missing_facto
   # Not chance (0.25) for factor 1: on a 240-row table over half the test rows were also drawn for training, and
   # the trees memorise their noise values.
   assert dci[1] < 0.75 and dci[others].min() > 0.9
+  # The matrix behind MIG: factor j's best code is code j of the perfect code, and the gap is its top two's gap.
+  mi = extras["mig.normalized_mutual_info"]
+  assert mi.shape == (codes.shape[1], len(SIZES))
+  np.testing.assert_array_equal(mi[:, others].argmax(axis=0), others)
+  top_two = np.sort(mi, axis=0)[::-1][:2]
+  np.testing.assert_allclose(top_two[0] - top_two[1], mig, atol=1e-12)

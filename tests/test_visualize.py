@@ -83,8 +83,24 @@ def test_ssim_and_overlay():
 
 def test_token_labels_name_the_most_important_factor():
   evaluation = {"dci.importance_matrix": [[0.0, 0.9], [0.8, 0.1], [0.001, 0.0]], "factor_names": ["x", "y"]}
-  assert visualize.token_labels(3, evaluation) == ["token 0 y", "token 1 x", "token 2 (uninformative)"]
+  assert visualize.token_labels(3, evaluation) == ["token 0 -> y", "token 1 -> x", "token 2 (uninformative)"]
   assert visualize.token_labels(2, None) == ["token 0", "token 1"]
+  # Without DCI (the quickstart scores FactorVAE and MIG only) MIG's I(code; factor) / H(factor) names them.
+  mig_only = {"mig.normalized_mutual_info": [[0.7, 0.05], [0.02, 0.3]], "factor_names": ["x", "y"]}
+  assert visualize.token_labels(2, mig_only) == ["token 0 -> x", "token 1 -> y"]
+  # DCI's importances win where both are there.
+  assert visualize.token_labels(2, {**mig_only, **evaluation})[:2] == ["token 0 -> y", "token 1 -> x"]
+
+
+def test_describe_factors_names_each_factors_token():
+  from concept_diffusion.evaluation.evaluate import describe_factors
+  record = {"factor_names": ["floor_hue", "shape"], "mig.normalized_mutual_info": [[0.9, 0.0], [0.1, 0.4], [0.0, 0.5]],
+            "mig.per_factor": {"floor_hue": 0.8, "shape": 0.1}}
+  lines = describe_factors(record).splitlines()
+  assert "MIG's I/H" in lines[0]
+  assert lines[1].split() == ["floor_hue", "token", "0", "I/H", "0.90", "MIG", "gap", "0.80"]
+  assert lines[2].split()[:3] == ["shape", "token", "2"]
+  assert describe_factors({"factor_names": ["x"], "factor_vae.eval_accuracy": 0.5}) == ""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -93,8 +93,9 @@ def write_metrics(path: str, step: int, dataset: GroundTruthDataset, scores: dic
   runtime = {**record.get("runtime_s", {}), **extras["runtime_s"]}
   record.update({"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names), **scores,
                  "runtime_s": runtime})
-  if "dci.importance_matrix" in extras:
-    record["dci.importance_matrix"] = np.asarray(extras["dci.importance_matrix"]).tolist()
+  for key in ("dci.importance_matrix", "mig.normalized_mutual_info"):
+    if key in extras:
+      record[key] = np.asarray(extras[key]).tolist()
   for key in ("dci.informativeness_test_per_factor", "mig.per_factor"):
     if extras.get(key) is not None:
       record[key] = {name: float(v) for name, v in zip(dataset.factor_names, np.asarray(extras[key]))}
@@ -119,15 +120,48 @@ def format_table(scores: dict[str, float]) -> str:
   return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(scores.items()))
 
 
-def format_per_factor(extras: dict[str, Any], factor_names: Sequence[str]) -> str:
-  """One row per factor: DCI's test accuracy for it and its MIG gap ("" when neither metric ran)."""
-  columns = [(key, np.asarray(extras[key])) for key in ("dci.informativeness_test_per_factor", "mig.per_factor")
-             if extras.get(key) is not None]
-  if not columns:
+def token_factor_matrix(record: dict[str, Any] | None) -> tuple[np.ndarray | None, str]:
+  """(num_tokens, num_factors) how much each token's scalar says about each factor, and its source: DCI's
+  importance matrix when the record has one (the boosted trees see all codes at once), else MIG's mutual
+  information over the factor's entropy; (None, "") when the record has neither."""
+  for key, source in (("dci.importance_matrix", "DCI importance"), ("mig.normalized_mutual_info", "MIG's I/H")):
+    if record and key in record:
+      return np.asarray(record[key], np.float64), source
+  return None, ""
+
+
+def describe_factors(record: dict[str, Any]) -> str:
+  """One line per factor of an evaluation record (W/eval/metrics_<step>.json): the token that carries it most
+  (`token_factor_matrix`), how much of the factor that token's scalar tells (I / H, from MIG's
+  estimate), its MIG gap and DCI's test accuracy where those ran. "" when the record has neither matrix."""
+  matrix, source = token_factor_matrix(record)
+  if matrix is None:
     return ""
-  width = max(len(n) for n in factor_names)
-  lines = [f"{'factor':<{width}}  " + "  ".join(f"{key:>{len(key)}}" for key, _ in columns)]
-  for j, name in enumerate(factor_names):
-    lines.append(f"{name:<{width}}  " + "  ".join(f"{values[j]:>{len(key)}.4f}" for key, values in columns))
+  names = record.get("factor_names") or [f"factor {j}" for j in range(matrix.shape[1])]
+  mi = record.get("mig.normalized_mutual_info")
+  gaps = record.get("mig.per_factor", {})
+  accuracy = record.get("dci.informativeness_test_per_factor", {})
+  width = max(len(n) for n in names)
+  lines = [f"per factor (token = the scalar that carries it most, by {source}):"]
+  for j, name in enumerate(names):
+    k = int(np.asarray(matrix)[:, j].argmax())
+    parts = [f"{name:<{width}}  token {k:>2}"]
+    if mi is not None:
+      parts.append(f"I/H {np.asarray(mi)[k, j]:.2f}")
+    if name in gaps:
+      parts.append(f"MIG gap {gaps[name]:.2f}")
+    if name in accuracy:
+      parts.append(f"DCI accuracy {accuracy[name]:.2f}")
+    lines.append("  ".join(parts))
   return "\n".join(lines)
 
+
+def describe_step(workdir: str, step: int) -> str:
+  """`describe_factors` of the step's evaluation record ("" when there is none)."""
+  path = eval_path(workdir, "metrics", step)
+  return describe_factors(json.loads(read_text(path))) if exists(path) else ""
+
+
+def describe_hook(snapshot) -> str:
+  """The trainer's describe hook: the final evaluation's per-factor lines."""
+  return describe_step(snapshot.workdir, snapshot.step)

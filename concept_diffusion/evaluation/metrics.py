@@ -405,19 +405,20 @@ def dci_importance_matrix(codes: np.ndarray, factor_sizes: Sequence[int], random
 
 
 def _mig_gaps(table: CodeTable, random_state: np.random.RandomState, *, num_train: int, batch_size: int,
-              num_bins: int) -> np.ndarray:
-  """Each factor's gap between its two most informative codes, over H(factor); MIG is their mean."""
+              num_bins: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each factor's gap between its two most informative codes, over H(factor) (MIG is their mean), and the
+  (num_codes, num_factors) mutual information over H(factor) it comes from."""
   mus_train, ys_train = generate_batch_factor_code(table, num_train, random_state, batch_size)
   m = _discrete_mutual_info(_histogram_discretize(mus_train, num_bins), ys_train)
   entropy = _discrete_entropy(ys_train)
   sorted_m = np.sort(m, axis=0)[::-1]
-  return np.divide(sorted_m[0, :] - sorted_m[1, :], entropy[:])
+  return np.divide(sorted_m[0, :] - sorted_m[1, :], entropy[:]), np.divide(m, entropy[None, :])
 
 
 def _mig_with_extras(table: CodeTable, random_state: np.random.RandomState,
                      **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
-  gaps = _mig_gaps(table, random_state, **kwargs)
-  return {"discrete_mig": np.mean(gaps)}, {"mig.per_factor": gaps}
+  gaps, normalized_mi = _mig_gaps(table, random_state, **kwargs)
+  return {"discrete_mig": np.mean(gaps)}, {"mig.per_factor": gaps, "mig.normalized_mutual_info": normalized_mi}
 
 
 def compute_mig(codes: np.ndarray, factor_sizes: Sequence[int], random_state: RandomStateLike = 0, *,
@@ -593,7 +594,8 @@ def evaluate_codes(codes: np.ndarray, factor_sizes: Sequence[int], *, metrics: S
     metric_kwargs: per-metric overrides of the defaults, e.g. {"dci": {"num_train": 1000}}.
     return_extras: also return {"dci.importance_matrix": array, "runtime_s": {metric: seconds}} and, per factor
       in canonical order, "dci.informativeness_test_per_factor" and "mig.per_factor" (arrays whose means are the
-      scalar scores: which factors a representation captures, and which it gives one code of its own).
+      scalar scores: which factors a representation captures, and which it gives one code of its own), and
+      "mig.normalized_mutual_info" (num_codes, num_factors): I(code; factor) / H(factor) behind MIG.
 
   Returns:
     Flat {"<metric>.<disentanglement_lib result key>": float}, e.g. "dci.disentanglement",

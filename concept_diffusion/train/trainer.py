@@ -51,6 +51,8 @@ class Hooks:
   figures: Optional[Callable[[Snapshot], list[str]]] = None
   format_scores: Callable[[dict[str, float]], str] = lambda scores: "\n".join(
       f"{k:<24}  {v:.4f}" for k, v in sorted(scores.items()))
+  # describe(snapshot) -> text printed after the final scores (the per-factor lines: which token carries what).
+  describe: Optional[Callable[[Snapshot], str]] = None
 
 
 def _say(message: str) -> None:
@@ -215,6 +217,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
       scores = hooks.evaluate(snapshot)
       writer.scalars(snapshot.step, {**scores, **writer.progress("diffusion", snapshot.step)}, "eval")
       _say(f"evaluation at step {snapshot.step}:\n{hooks.format_scores(scores)}")
+      description = hooks.describe(snapshot) if hooks.describe else ""
+      if description:
+        _say(description)
     figures_exist = exists(figure_path(workdir, "reconstructions.png"))
     if hooks.figures and config.sample.final_figures and (trained or not figures_exist):
       for path in hooks.figures(snapshot):
