@@ -1,16 +1,25 @@
-r"""The CPU reproduction table from scratch: EncDiff vs beta-VAE vs beta-TCVAE, plus EncDiff's ablations.
+r"""The CPU reproduction tables from scratch: EncDiff vs beta-VAE vs beta-TCVAE, plus EncDiff's ablations.
 
-  python experiments/reproduce.py --root=runs/repro [--dry_run] [--only=encdiff_seed0,beta_vae_seed0] [--nice=19]
+  python experiments/reproduce.py --root=runs/fast [--table=fast] [--dry_run] [--only=encdiff_seed0] [--nice=19]
       [--parallel=2]
 
-Runs, each `experiments/train.py` in its own workdir under --root:
+--table=fast (default; RESULTS.md's current table), each run `experiments/train.py` in its own workdir under --root:
+  encdiff_seed{0,1,2}                   configs/repro_fast.py
+  beta_vae_lr{1e-4,3e-4,1e-3}_seed0     configs/baseline_vae.py on repro_fast's data, one learning rate each
+  beta_tcvae_lr{1e-4,3e-4,1e-3}_seed0   configs/baseline_tcvae.py likewise
+  beta_vae_seed{1,2}, beta_tcvae_seed{1,2}   at the learning rate whose seed-0 run scored best (mean of FactorVAE
+                                        and DCI disentanglement at its final evaluation): planned once those three
+                                        have finished, so the VAEs are compared at their best of the three
+  untrained_encoder                     configs/repro_fast.py evaluated at step 0
+--table=cpu: the earlier table of configs/repro_cpu.py (archived in results/cpu_repro/runs):
   encdiff_seed{0,1,2}      configs/repro_cpu.py
   beta_vae_seed{0,1,2}     configs/baseline_vae.py
   beta_tcvae_seed{0,1,2}   configs/baseline_tcvae.py
   ablation_tokens5, ablation_tokens10, ablation_adagn, ablation_no_diffusion, ablation_uniform_t
                            configs/repro_cpu.py with one override, seed 0
   untrained_encoder        configs/repro_cpu.py evaluated at step 0 (the score of an untrained encoder)
-(20 tokens with cross-attention and t/T ~ sigmoid(N(0, 1)) is encdiff_seed0 itself.) Seed 0 of every model and the ablations run first,
+(In the cpu table, 20 tokens with cross-attention and t/T ~ sigmoid(N(0, 1)) is encdiff_seed0 itself.) Seed 0 of
+every model and the ablations run first,
 so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
 resumes from its last checkpoint (train.py does that), so the command can be re-run after any interruption.
 Then it writes --root/summary.md (+ .json: mean ± std per model via experiments/aggregate.py, and the
@@ -59,8 +68,63 @@ class Run:
                      f"--workdir={os.path.join(root, self.name)}", *self.overrides]
 
 
-def planned_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
-  """Every run of the table, in execution order: seed 0 of each model, the ablations, then the other seeds."""
+TABLES = ("fast", "cpu")
+BASELINE_LRS = ("1e-4", "3e-4", "1e-3")  # disentanglement_lib's default first
+# The VAEs see the EncDiff recipe's images: configs/baseline_*.py inherit repro_cpu's data (one ray per pixel).
+FAST_DATA = ("--config.data.supersample=4", "--config.data.cache_dir=~/.cache/concept_diffusion")
+
+
+def planned_runs(seeds: Sequence[int] = SEEDS, table: str = "fast", root: str = "") -> list[Run]:
+  """Every run of `table`, in execution order; for "fast", the VAEs' seeds 1 and 2 only once `root` shows which
+  learning rate won on seed 0."""
+  if table == "cpu":
+    return cpu_table_runs(seeds)
+  if table == "fast":
+    return fast_table_runs(seeds, root)
+  raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
+
+
+def best_learning_rate(root: str, prefix: str) -> str | None:
+  """The learning rate of BASELINE_LRS whose `<prefix>_lr<lr>_seed0` run scored best at its final evaluation (mean
+  of FactorVAE and DCI disentanglement; the lower rate on a tie); None until all of them have finished."""
+  scores = {}
+  for lr in BASELINE_LRS:
+    workdir = os.path.join(root, f"{prefix}_lr{lr}_seed0")
+    if not root or not is_finished(workdir):
+      return None
+    record = json.loads(read_text(eval_path(workdir, "metrics", final_step(workdir))))
+    scores[lr] = (record.get("factor_vae.eval_accuracy", 0.0) + record.get("dci.disentanglement", 0.0)) / 2
+  return max(BASELINE_LRS, key=lambda lr: (scores[lr], -float(lr)))
+
+
+def fast_table_runs(seeds: Sequence[int] = SEEDS, root: str = "") -> list[Run]:
+  """EncDiff (configs/repro_fast.py) and both VAEs at their best learning rate, 3 seeds each."""
+  runs = [Run(f"encdiff_seed{seeds[0]}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seeds[0]}",))]
+  chosen = {}
+  for prefix, group, config in (("beta_vae", BETA_VAE, "configs/baseline_vae.py"),
+                                ("beta_tcvae", BETA_TCVAE, "configs/baseline_tcvae.py")):
+    chosen[prefix] = best_learning_rate(root, prefix)
+    for lr in BASELINE_LRS:
+      runs.append(Run(f"{prefix}_lr{lr}_seed{seeds[0]}", group if lr == chosen[prefix] else f"{group}, lr {lr}",
+                      config, (f"--config.seed={seeds[0]}", *FAST_DATA, f"--config.baseline.lr={lr}"),
+                      ablation=f"{group}, lr {lr} (seed {seeds[0]})"))
+  runs.append(Run("untrained_encoder", "EncDiff encoder, untrained", "configs/repro_fast.py",
+                  (f"--config.seed={seeds[0]}", "--config.train.num_steps=0", "--config.sample.final_figures=False"),
+                  ablation="reference: the same encoder untrained (0 steps)"))
+  runs += [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seed}",))
+           for seed in seeds[1:]]
+  for prefix, group, config in (("beta_vae", BETA_VAE, "configs/baseline_vae.py"),
+                                ("beta_tcvae", BETA_TCVAE, "configs/baseline_tcvae.py")):
+    if chosen[prefix] is not None:
+      runs += [Run(f"{prefix}_seed{seed}", group, config,
+                   (f"--config.seed={seed}", *FAST_DATA, f"--config.baseline.lr={chosen[prefix]}"))
+               for seed in seeds[1:]]
+  return runs
+
+
+def cpu_table_runs(seeds: Sequence[int] = SEEDS) -> list[Run]:
+  """Every run of the repro_cpu table, in execution order: seed 0 of each model, the ablations, then the other
+  seeds."""
   def models(seed):
     seed_flag = (f"--config.seed={seed}",)
     return [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_cpu.py", seed_flag,
@@ -311,7 +375,10 @@ def _interrupt(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-  parser.add_argument("--root", default="runs/repro", help="directory holding one workdir per run")
+  parser.add_argument("--root", default="runs/fast", help="directory holding one workdir per run")
+  parser.add_argument("--table", default="fast", choices=TABLES,
+                      help="fast: configs/repro_fast.py and the VAEs at their best learning rate (RESULTS.md); "
+                           "cpu: the earlier configs/repro_cpu.py table with its ablations")
   parser.add_argument("--dry_run", action="store_true", help="print the commands (and what is done) and stop")
   parser.add_argument("--only", default="", help="comma-separated run names to run (default: all)")
   parser.add_argument("--nice", type=int, default=0, help="run the training commands under `nice -n NICE`")
@@ -327,30 +394,45 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.parallel < 1:
     print(f"error: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
     return 2
-  runs = planned_runs()
-  names = [name for name in args.only.split(",") if name]
-  unknown = sorted(set(names) - {run.name for run in runs})
-  if unknown:
-    print(f"error: unknown run(s) {unknown}; known: {[run.name for run in runs]}", file=sys.stderr)
-    return 2
-  selected = [run for run in runs if not names or run.name in names]
   root = absolute(args.root)  # a URL (gs://...) stays one
-  pending = []
-  for run in selected:
-    if is_finished(os.path.join(root, run.name)):
-      print(f"[done] {run.name}")
-    else:
-      pending.append(run)
-  if args.summary_only:
+  runs = planned_runs(table=args.table, root=root)
+  names = [name for name in args.only.split(",") if name]
+  known = {run.name for run in runs}
+  if args.table == "fast":  # the VAEs' later seeds have names before their learning rate is known
+    known |= {f"{prefix}_seed{seed}" for prefix in ("beta_vae", "beta_tcvae") for seed in SEEDS[1:]}
+  unknown = sorted(set(names) - known)
+  if unknown:
+    print(f"error: unknown run(s) {unknown}; known: {sorted(known)}", file=sys.stderr)
+    return 2
+
+  def pending_runs(runs, report):
     pending = []
+    for run in runs:
+      if names and run.name not in names:
+        continue
+      if is_finished(os.path.join(root, run.name)):
+        if report:
+          print(f"[done] {run.name}")
+      else:
+        pending.append(run)
+    return [] if args.summary_only else pending
+
+  pending = pending_runs(runs, report=True)
   if args.dry_run:
     for run in pending:
       print("[would run] " + " ".join(run.command(root, nice=args.nice)), flush=True)
+    if args.table == "fast" and not all(best_learning_rate(root, p) for p in ("beta_vae", "beta_tcvae")):
+      print("[then] the VAEs' seeds 1 and 2 at the learning rate that wins on seed 0")
     print(f"[would write] {os.path.join(root, 'summary.md')}, {os.path.join(root, 'summary.json')}, "
           f"{os.path.join(root, 'curves.png')}")
     return 0
   signal.signal(signal.SIGTERM, _interrupt)  # stop the runs as Ctrl-C does
-  failed = run_all(pending, root, nice=args.nice, parallel=args.parallel)
+  failed, started = [], set()
+  while pending:  # a finished stage can plan more runs (the VAEs' later seeds, once their learning rate is known)
+    started |= {run.name for run in pending}
+    failed += run_all(pending, root, nice=args.nice, parallel=args.parallel)
+    runs = planned_runs(table=args.table, root=root)
+    pending = [run for run in pending_runs(runs, report=False) if run.name not in started]
   text, data = summarise(runs, root)
   with atomic_path(os.path.join(root, "summary.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)

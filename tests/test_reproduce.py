@@ -47,7 +47,7 @@ def _fake_finished_run(workdir, baseline_kind="", steps=20, value=0.5):
 
 
 def test_dry_run_lists_every_run_once(tmp_path, capsys):
-  assert reproduce.main(["--dry_run", f"--root={tmp_path}"]) == 0
+  assert reproduce.main(["--dry_run", f"--root={tmp_path}", "--table=cpu"]) == 0
   lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[would run]")]
   assert len(lines) == len(EXPECTED)
   for line in lines:
@@ -62,7 +62,7 @@ def test_dry_run_lists_every_run_once(tmp_path, capsys):
 
 def test_finished_runs_are_skipped_and_unknown_names_refused(tmp_path, capsys):
   _fake_finished_run(str(tmp_path / "encdiff_seed0"))
-  assert reproduce.main(["--dry_run", f"--root={tmp_path}", "--only=encdiff_seed0,beta_vae_seed0"]) == 0
+  assert reproduce.main(["--dry_run", f"--root={tmp_path}", "--table=cpu", "--only=encdiff_seed0,beta_vae_seed0"]) == 0
   out = capsys.readouterr().out
   assert "[done] encdiff_seed0" in out and "beta_vae_seed0" in out and "encdiff_seed1" not in out
   assert reproduce.main(["--dry_run", f"--root={tmp_path}", "--only=encdiff_seed9"]) == 2
@@ -81,7 +81,7 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
     return 0
 
   monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(fake_train))
-  assert reproduce.main([f"--root={tmp_path}"]) == 0
+  assert reproduce.main([f"--root={tmp_path}", "--table=cpu"]) == 0
   assert sorted(calls) == sorted(EXPECTED)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["models"]["EncDiff"]["n_runs"] == 3 and summary["not_finished"] == []
@@ -95,14 +95,53 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
   assert "EncDiff (n=3)" in text and "beta-TCVAE (n=3)" in text and "## EncDiff ablations" in text
   assert Image.open(tmp_path / "curves.png").size[0] > 500
   calls.clear()
-  assert reproduce.main([f"--root={tmp_path}"]) == 0  # everything finished: nothing runs again
+  assert reproduce.main([f"--root={tmp_path}", "--table=cpu"]) == 0  # everything finished: nothing runs again
   assert not calls
+
+
+def test_fast_table_runs_the_vaes_later_seeds_at_the_learning_rate_that_won(tmp_path, monkeypatch, capsys):
+  assert reproduce.main(["--dry_run", f"--root={tmp_path}"]) == 0  # --table=fast is the default
+  out = capsys.readouterr().out
+  planned = [line.split() for line in out.splitlines() if line.startswith("[would run]")]
+  names = [os.path.basename(next(a for a in line if a.startswith("--workdir="))) for line in planned]
+  assert names == ["encdiff_seed0", "beta_vae_lr1e-4_seed0", "beta_vae_lr3e-4_seed0", "beta_vae_lr1e-3_seed0",
+                   "beta_tcvae_lr1e-4_seed0", "beta_tcvae_lr3e-4_seed0", "beta_tcvae_lr1e-3_seed0",
+                   "untrained_encoder", "encdiff_seed1", "encdiff_seed2"]
+  assert "--config=configs/repro_fast.py" in planned[0]
+  assert {"--config.data.supersample=4", "--config.baseline.lr=3e-4"} <= set(planned[2])  # the VAEs' data = EncDiff's
+  assert "[then] the VAEs' seeds 1 and 2" in out
+
+  winner = {"beta_vae": "3e-4", "beta_tcvae": "1e-3"}
+  commands = {}
+
+  def fake_train(command, cwd):
+    del cwd
+    workdir = next(arg for arg in command if arg.startswith("--workdir=")).split("=", 1)[1]
+    name = os.path.basename(workdir)
+    commands[name] = command
+    prefix = name.split("_lr")[0].split("_seed")[0]
+    kind = prefix if prefix in winner else ""
+    lr = next((a.split("=")[1] for a in command if a.startswith("--config.baseline.lr=")), "")
+    _fake_finished_run(workdir, kind, value=0.8 if lr == winner.get(prefix) else 0.5)
+    return 0
+
+  monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(fake_train))
+  assert reproduce.main([f"--root={tmp_path}"]) == 0
+  assert len(commands) == 14
+  assert "--config.baseline.lr=3e-4" in commands["beta_vae_seed2"]
+  assert "--config.baseline.lr=1e-3" in commands["beta_tcvae_seed1"]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  for group in ("EncDiff", "beta-VAE", "beta-TCVAE"):
+    assert summary["models"][group]["n_runs"] == 3
+  assert summary["models"]["beta-VAE"]["metrics"]["factor_vae.eval_accuracy"]["mean"] == pytest.approx(0.8)
+  assert "beta-VAE, lr 1e-4 (seed 0)" in summary["ablations"]  # the default learning rate stays in the record
+  assert reproduce.best_learning_rate(str(tmp_path), "beta_vae") == "3e-4"
 
 
 def test_a_run_that_exits_without_its_final_evaluation_is_reported(tmp_path, monkeypatch):
   # e.g. preempted: exit 0, not done
   monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(lambda command, cwd: 0))
-  assert reproduce.main([f"--root={tmp_path}", "--only=ablation_adagn"]) == 1
+  assert reproduce.main([f"--root={tmp_path}", "--table=cpu", "--only=ablation_adagn"]) == 1
   assert "ablation_adagn" in json.loads((tmp_path / "summary.json").read_text())["not_finished"]
 
 
@@ -170,7 +209,7 @@ def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_p
       {"stage": "diffusion", "step": 8, "loss": 0.5, "wall_s": 60.0, "images_seen": 256},
       {"stage": "eval", "step": 8, "factor_vae.eval_accuracy": 0.7, "wall_s": 60.0, "images_seen": 256},
       {"stage": "diffusion", "step": 10, "loss": 0.4, "wall_s": 90.0, "images_seen": 320}]) + "\n")
-  assert reproduce.main([f"--root={tmp_path}", "--summary_only"]) == 0
+  assert reproduce.main([f"--root={tmp_path}", "--table=cpu", "--summary_only"]) == 0
   summary = json.loads((tmp_path / "summary.json").read_text())
   rows = {row["run"]: row for row in summary["runs"]}
   assert set(rows) == {"encdiff_seed0", "beta_vae_seed0"}
@@ -189,7 +228,7 @@ def test_archive_keeps_what_rebuilds_the_table_and_no_checkpoints(tmp_path):
   (root / "encdiff_seed0" / "diffusion").mkdir()
   (root / "encdiff_seed0" / "diffusion" / "40.ckpt").write_bytes(b"x" * 1000)
   (root / "encdiff_seed0" / "eval" / "notes.txt").write_text("not a metrics file")
-  assert reproduce.main([f"--root={root}", "--summary_only", f"--archive={archive}"]) == 0
+  assert reproduce.main([f"--root={root}", "--table=cpu", "--summary_only", f"--archive={archive}"]) == 0
   kept = sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
   assert kept == ["beta_vae_seed0/config.json", "beta_vae_seed0/eval/metrics_20.json", "beta_vae_seed0/metrics.jsonl",
                   "encdiff_seed0/config.json", "encdiff_seed0/eval/metrics_40.json", "encdiff_seed0/metrics.jsonl"]
@@ -197,7 +236,7 @@ def test_archive_keeps_what_rebuilds_the_table_and_no_checkpoints(tmp_path):
   original = json.loads((root / "summary.json").read_text().replace(str(root), str(archive)))  # workdir paths
   for path in sorted(root.rglob("*"), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
-  assert reproduce.main([f"--root={archive}", "--summary_only"]) == 0
+  assert reproduce.main([f"--root={archive}", "--table=cpu", "--summary_only"]) == 0
   assert json.loads((archive / "summary.json").read_text()) == original
 
 
