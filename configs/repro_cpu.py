@@ -1,4 +1,4 @@
-"""EncDiff sized for a 2-core CPU: about 2 hours of training per run on 32x32 procedural Shapes.
+"""EncDiff sized for a 2-core CPU: 71-105 min of training per 2,400-step run on 32x32 procedural Shapes (RESULTS.md).
 
   python experiments/train.py --config=configs/repro_cpu.py --workdir=runs/repro/encdiff_seed0 --config.seed=0
 
@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   unet.model_channels = 16
   unet.channel_mult = (1, 2, 4)
   unet.num_res_blocks = 1
-  # Transformers at 16x16, 8x8 and in the middle (4x4), as the official model attends at 1/4..1/16 of the image.
+  # Transformers at 16x16 and 8x8 and in the middle block (also 8x8: the levels are 32, 16 and 8 pixels), as the
+  # official model attends at 1/4..1/16 of the image.
   # Self-attention over the 1,024 queries of 32x32 would cost more than all convolutions there, so the
   # full-resolution level has none (cross-attention maps are drawn at 16x16).
   unet.attention_resolutions = (2, 4)
@@ -62,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Not the paper's uniform t (official; `ablation_uniform_t` in experiments/reproduce.py): t/T = sigmoid(N(0, 1))
   # puts 73% of the updates in the middle half of the noise levels, where the tokens can change the prediction.
   # Measured at 76,800 images (RESULTS.md, the 2026-12-01 runs, seed 0): FactorVAE 0.673 vs 0.546, DCI 0.299 vs 0.177, and
-  # the UNet relies on the tokens 2-3x sooner. Uniform t spends most updates at low t, where the eps loss is
+  # the UNet relies on the tokens 2-3x more at the same images seen. Chosen after seeing these two seed-0 runs' metrics. Uniform t spends most updates at low t, where the eps loss is
   # dominated by fine noise the tokens cannot predict; the official runs can afford that over 4.8M images.
   diff.timestep_sampling = "logit_normal"
 
@@ -81,10 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
   # to forget the initialisation; 0.999 averages over the last ~1,000 steps.
   train.ema_decay = 0.999
   # 76,800 images: measured 16.5 img/s for each of two runs pinned one per core (`experiments/reproduce.py
-  # --parallel=2`), so ~78 min of training + 3 evaluations (~5 min each on one core) ≈ 1.6 h of one core. Two
-  # runs then finish within one ~2 h sitting, which matters where run directories do not outlive the sitting
-  # (the development VM; RESULTS.md). train.num_steps may be raised on the same workdir to extend a finished run;
-  # 4,000 steps is the full 2-hour budget (two seeds measured: FactorVAE 0.805, DCI 0.400; RESULTS.md).
+  # --parallel=2`), so ~78 min of training + 3 evaluations (~5 min each on one core) ≈ 1.6 h of one core (recorded:
+  # 71-105 min of training; the final evaluation's DCI alone took 6-14 min). Two runs were planned to finish within
+  # one ~2 h sitting, which matters where run directories do not outlive the sitting (the development VM;
+  # RESULTS.md). train.num_steps may be raised on the same workdir to extend a finished run; 4,000 steps (128,000
+  # images) took 79-80 min of training per run on the VM of 2026-12-02 (two seeds, run after seeing the 2,400-step
+  # scores still rising: FactorVAE 0.846 / 0.764, DCI 0.405 / 0.396; RESULTS.md).
   train.num_steps = 2_400
   train.log_every = 100
   train.checkpoint_every = 500  # a preempted run loses at most ~15 min

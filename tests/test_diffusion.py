@@ -110,3 +110,27 @@ def test_samplers_with_oracle_recover_x0(kind):
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
   _, pred_x0 = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), T, eta=1.0, return_x0=True)
   np.testing.assert_allclose(np.asarray(pred_x0), np.asarray(x0), atol=2e-3)
+
+
+def test_v_weighting_turns_the_eps_loss_into_the_v_loss_until_the_cap():
+  from concept_diffusion.diffusion import loss_weights, predict_x0
+  schedule = schedule_from_betas(make_beta_schedule("cosine", 1000, 0.0015, 0.0155, 8e-3))
+  assert loss_weights(schedule, jnp.arange(4), "none", 5.0) is None  # the official loss: every t weighs 1
+  t = jnp.array([10, 300, 600, 990])
+  weights = loss_weights(schedule, t, "v", 5.0)
+  abar = schedule.alphas_cumprod[np.asarray(t)]
+  np.testing.assert_allclose(weights, np.minimum(1 / abar, 5.0), rtol=1e-5)
+  assert float(weights[-1]) == 5.0 and float(weights[0]) < 1.01
+  # Below the cap, weight * |eps error|^2 = (1 + SNR) |x0 error|^2: the v-prediction loss.
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (4, 8))
+  noise = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+  x_t = q_sample(schedule, x0, t, noise)
+  eps_hat = noise + 0.1 * jax.random.normal(jax.random.PRNGKey(2), (4, 8))
+  x0_err = np.square(np.asarray(predict_x0(schedule, x_t, t, eps_hat) - x0)).mean(axis=1)
+  snr = abar / (1 - abar)
+  weighted = np.asarray(weights) * np.square(np.asarray(eps_hat - noise)).mean(axis=1)
+  np.testing.assert_allclose(weighted[:3], ((1 + snr) * x0_err)[:3], rtol=1e-3)
+  # noise_loss applies per-example weights after the per-example mean.
+  np.testing.assert_allclose(noise_loss(eps_hat, noise, "l2", weights), weighted.mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_weighting"):
+    loss_weights(schedule, t, "snr", 5.0)

@@ -9,6 +9,7 @@ import numpy as np
 
 SCHEDULES = ("linear", "sqrt_linear", "sqrt", "cosine")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+LOSS_WEIGHTINGS = ("none", "v")
 
 
 def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
@@ -101,12 +102,30 @@ def predict_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array)
           / _bcast(schedule.sqrt_alphas_cumprod, t, x_t.ndim))
 
 
-def noise_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
-  """Mean over C,H,W then batch, as LDM's `p_losses` with l_simple_weight 1 and logvar 0."""
+def loss_weights(schedule: Schedule, t: jax.Array, kind: str, max_weight: float) -> jax.Array | None:
+  """Per-example weights (B,) of the noise-prediction loss at timesteps t, or None for "none" (official).
+
+  "v": 1 / alpha_bar_t, capped at `max_weight`. The eps error is sqrt(SNR) times the x0 error, so plain eps-MSE
+  weighs an error in the image estimate by SNR(t) and pays almost nothing for it at high noise, where only the
+  tokens know the image; times 1/alpha_bar = (1 + SNR)/SNR it becomes the v-prediction loss (1 + SNR) |x0 err|^2
+  (Salimans & Ho 2022), which keeps a floor of |x0 err|^2 there. The cap keeps the last steps (alpha_bar -> 0)
+  from turning the network's small eps errors there into large gradients.
+  """
+  if kind == "none":
+    return None
+  if kind == "v":
+    return jnp.minimum(1.0 / jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t], max_weight)
+  raise ValueError(f"Unknown diffusion.loss_weighting {kind!r}; choose one of {LOSS_WEIGHTINGS}.")
+
+
+def noise_loss(pred: jax.Array, target: jax.Array, kind: str, weights: jax.Array | None = None) -> jax.Array:
+  """Mean over C,H,W then batch, as LDM's `p_losses` with l_simple_weight 1 and logvar 0; each example's mean
+  times `weights` (B,) when given."""
   if kind == "l1":
     per_example = jnp.abs(pred - target)
   elif kind == "l2":
     per_example = jnp.square(pred - target)
   else:
     raise ValueError(f"Unknown diffusion.loss {kind!r}; choose 'l1' (official code) or 'l2' (paper).")
-  return per_example.reshape(per_example.shape[0], -1).mean(axis=1).mean()
+  per_example = per_example.reshape(per_example.shape[0], -1).mean(axis=1)
+  return (per_example if weights is None else per_example * weights).mean()

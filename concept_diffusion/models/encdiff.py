@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from concept_diffusion.diffusion import (Schedule, ddim_sample, ddim_timesteps, make_schedule, noise_loss, q_sample,
-                                         sample_timesteps)
+from concept_diffusion.diffusion import (Schedule, ddim_sample, ddim_timesteps, loss_weights, make_schedule, noise_loss,
+                                         q_sample, sample_timesteps)
 from concept_diffusion import hardware
 from concept_diffusion.models import autoencoder
 from concept_diffusion.models.conditioning import CONDITIONINGS, TokenRoutes, register_conditioning  # noqa: F401
@@ -106,6 +106,8 @@ class EncDiff:
   timestep_sampling: str = "uniform"
   timestep_logit_mean: float = 0.0
   timestep_logit_std: float = 1.0
+  loss_weighting: str = "none"  # none (official) | v: diffusion.loss_weighting
+  loss_weight_max: float = 5.0
 
   # -- parameters ------------------------------------------------------------------------------------------
   def init(self, rng: jax.Array) -> dict[str, Any]:
@@ -185,7 +187,8 @@ class EncDiff:
     (_, tokens), updates = self.encoder.apply({"params": params["encoder"], "batch_stats": batch_stats}, images,
                                               train=True, mutable=["batch_stats"])
     eps = self.denoise(params["unet"], x_t, t, tokens, train=True, rng=drop_key)
-    return noise_loss(eps, target, self.loss_kind), updates.get("batch_stats", batch_stats)
+    weights = None if self.one_shot else loss_weights(self.schedule, t, self.loss_weighting, self.loss_weight_max)
+    return noise_loss(eps, target, self.loss_kind, weights), updates.get("batch_stats", batch_stats)
 
   # -- sampling ----------------------------------------------------------------------------------------------
   def sample(self, v, ae_params: Any, tokens: jax.Array, rng: jax.Array, *, steps: int, eta: float,
@@ -306,7 +309,8 @@ def build_model(config: ml_collections.ConfigDict) -> EncDiff:
                  schedule=make_schedule(diff), image_shape=image_shape, latent_shape=latent_shape,
                  num_tokens=config.encoder.num_tokens, token_dim=config.encoder.token_dim, loss_kind=diff.loss,
                  one_shot=one_shot, timestep_sampling=diff.timestep_sampling,
-                 timestep_logit_mean=diff.timestep_logit_mean, timestep_logit_std=diff.timestep_logit_std)
+                 timestep_logit_mean=diff.timestep_logit_mean, timestep_logit_std=diff.timestep_logit_std,
+                 loss_weighting=diff.get("loss_weighting", "none"), loss_weight_max=diff.get("loss_weight_max", 5.0))
 
 
 def as_uint8(images: jax.Array) -> jax.Array:
