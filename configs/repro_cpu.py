@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32
 
   # Pixel space (paper Table 6: pixel-space EncDiff scores at least as well as latent). A VQ first stage would
-  # cost a share of the 2-hour budget for its own training and squeezes the small object into a few latent cells.
+  # cost a share of the 2 hours allowed per run for its own training and squeezes the small object into a few
+  # latent cells.
   config.stages = ("diffusion",)
   config.first_stage.kind = "none"
 
@@ -63,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Not the paper's uniform t (official; `ablation_uniform_t` in experiments/reproduce.py): t/T = sigmoid(N(0, 1))
   # puts 73% of the updates in the middle half of the noise levels, where the tokens can change the prediction.
   # Measured at 76,800 images (RESULTS.md, the 2026-12-01 runs, seed 0): FactorVAE 0.673 vs 0.546, DCI 0.299 vs 0.177, and
-  # the UNet relies on the tokens 2-3x more at the same images seen. Chosen after seeing these two seed-0 runs' metrics. Uniform t spends most updates at low t, where the eps loss is
-  # dominated by fine noise the tokens cannot predict; the official runs can afford that over 4.8M images.
+  # the UNet relies on the tokens 2-3x more at the same images seen; chosen after seeing these two seed-0 runs'
+  # metrics. Uniform t spends most updates at low t, where the eps loss is dominated by fine noise the tokens cannot
+  # predict; the official runs can afford that over 4.8M images.
   diff.timestep_sampling = "logit_normal"
 
   train = config.train
