@@ -324,6 +324,16 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"Invalid config: {message}.")
 
 
+def _metric_names_check(config: ml_collections.ConfigDict, field: str) -> tuple[bool, str]:
+  """eval.<field> names known metrics. Checked before training: otherwise a typo, or a comma list given where a
+  tuple belongs (`--config.eval.metrics=dci,mig` is the one string 'dci,mig'), fails at the first evaluation."""
+  from concept_diffusion.evaluation.metrics import ALL_METRICS  # pylint: disable=g-import-not-at-top
+  names = config.eval[field]
+  bad = [name for name in names if name not in ALL_METRICS] if isinstance(names, (tuple, list)) else [names]
+  return (not bad, f"eval.{field} has {', '.join(map(repr, bad))}, which is not a metric name; it must be a tuple of "
+          f"names from {ALL_METRICS}, e.g. --config.eval.{field}=\"('factor_vae','mig')\"")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """One clear ValueError for a field the schema does not know or a value no code path accepts."""
   import_extensions(config)
@@ -369,6 +379,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       # The disentanglement_lib encoder halves the image four times and its decoder doubles it back.
       (not config.baseline.kind or config.data.image_size % 16 == 0,
        "a baseline needs data.image_size divisible by 16 (four stride-2 convolutions)"),
+      *(_metric_names_check(config, field) for field in ("metrics", "train_metrics")),
   ]
   for ok, message in checks:
     if not ok:

@@ -183,7 +183,9 @@ def test_encoder_strides_of_one_keep_the_map():
 @pytest.mark.parametrize("field, value, message", [
     ("unet.patch_size", 3, "must divide data.image_size"), ("unet.patch_size", 0, ">= 1"),
     ("encoder.strides", (2, 2, 3, 1), "four strides of 1 or 2"), ("encoder.strides", (2, 2), "four strides"),
-    ("train.grad_clip_norm", -1.0, ">= 0")])
+    ("train.grad_clip_norm", -1.0, ">= 0"), ("diffusion.loss_weighting", "snr", "loss_weighting must be one of"),
+    ("eval.train_metrics", ("factor_vae,mig,dci",), r"""eval.train_metrics has 'factor_vae,mig,dci'.*\('factor_vae','mig'\)"""),
+    ("eval.metrics", ("dci", "fvae"), "eval.metrics has 'fvae'")])
 def test_stem_and_clipping_fields_are_validated(field, value, message):
   config = smoke.get_config()
   config.first_stage.kind = "none"
