@@ -205,6 +205,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.final = True  # evaluate the finished run with eval.metrics (written to W/eval/metrics_<step>.json)
   ev.metrics = ("beta_vae", "dci", "mig", "factor_vae")  # what EncDiff's main_val.py computes
   ev.train_metrics = ("factor_vae", "mig")  # the fast subset used during training (DCI's trees take minutes)
+  # Keep the code table of every evaluation during training (W/eval/codes_<step>.npy, 38 MB each at N=20 on
+  # Shapes3D), so that slow metrics can be added to those steps afterwards without a checkpoint:
+  # encdiff-evaluate --from_codes --step=S --metrics=dci. Off: only the final evaluation keeps its table.
+  ev.save_train_codes = False
   ev.batch_size = 256  # images per encoder call when encoding the whole dataset
   ev.seed = 0  # disentanglement_lib's evaluation.random_seed
   # Diagnostic written with every EncDiff evaluation (not a disentanglement metric): the relative increase of the

@@ -175,11 +175,18 @@ def _records(workdir: str) -> list[dict]:
 
 
 def eval_curves(workdir: str, records: Sequence[dict] | None = None) -> list[dict]:
-  """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step."""
+  """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step, with the
+  metrics of the step's eval/metrics_<step>.json added: a metric scored afterwards from a saved code table
+  (`encdiff-evaluate --from_codes --step=S --metrics=dci`) joins the curve at its step."""
   by_step = {}
   for record in _records(workdir) if records is None else records:
     if record.get("stage") == "eval" and "wall_s" in record:
       by_step[record["step"]] = record  # a re-evaluation of a step replaces the earlier one
+  for step, record in by_step.items():
+    path = eval_path(workdir, "metrics", step)
+    if exists(path):
+      scored = json.loads(read_text(path))
+      by_step[step] = {**{k: v for k, v in scored.items() if isinstance(v, float)}, **record}
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -214,7 +221,7 @@ def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
     axes[row, 1].set_xscale("log")
   if labelled:
     axes[0, 0].legend(fontsize=7)
-  fig.suptitle("Procedural Shapes 32x32 on 2 CPU cores; lines = runs (DCI only at the final evaluation)")
+  fig.suptitle("Procedural Shapes 32x32 on 2 CPU cores; one line per run (DCI where it was scored)")
   fig.tight_layout()
   with atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110)

@@ -144,3 +144,20 @@ def test_evaluate_cli_from_saved_codes_prints_per_factor_scores(tmp_path):
           if line.split() and line.split()[0] in ProceduralShapes3D.factor_names}
   assert set(rows) == set(ProceduralShapes3D.factor_names) and rows["orientation"] < 0.05 < 0.5 < rows["floor_hue"]
   assert os.path.exists(tmp_path / "eval" / "metrics_3.json")
+
+
+def test_training_evaluations_keep_their_code_tables_only_when_asked(monkeypatch):
+  import types
+  from concept_diffusion.evaluation import evaluate
+  from configs import smoke
+  saved = []
+  monkeypatch.setattr(evaluate, "evaluate_encdiff",
+                      lambda *args, **kwargs: (saved.append(kwargs.get("save_codes", True)), ({}, {}))[1])
+  config = smoke.get_config()
+  snapshot = types.SimpleNamespace(config=config, model=None, state=None, dataset=None, workdir="w", step=2,
+                                   ae_params=None, final=False)
+  evaluate.evaluation_hook(snapshot)
+  config.eval.save_train_codes = True  # so that DCI can be added to this step later: --from_codes --step=2
+  evaluate.evaluation_hook(snapshot)
+  evaluate.evaluation_hook(types.SimpleNamespace(**{**vars(snapshot), "final": True}))
+  assert saved == [False, True, True]

@@ -193,6 +193,20 @@ def test_parallel_runs_are_pinned_to_distinct_cores_single_threaded(tmp_path):
     reproduce.run_all(runs, str(tmp_path), parallel=99)
 
 
+def test_curves_take_metrics_scored_later_from_the_steps_eval_file(tmp_path):
+  workdir = tmp_path / "encdiff_seed0"
+  (workdir / "eval").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+      {"stage": "eval", "step": 8, "factor_vae.eval_accuracy": 0.7, "wall_s": 60.0, "images_seen": 256},
+      {"stage": "eval", "step": 16, "factor_vae.eval_accuracy": 0.8, "wall_s": 120.0, "images_seen": 512}]) + "\n")
+  # DCI added to step 8 afterwards from its saved code table (encdiff-evaluate --from_codes --step=8)
+  (workdir / "eval" / "metrics_8.json").write_text(json.dumps(
+      {"step": 8, "factor_vae.eval_accuracy": 0.7, "dci.disentanglement": 0.31, "factor_names": ["a"]}))
+  curves = reproduce.eval_curves(str(workdir))
+  assert [c.get("dci.disentanglement") for c in curves] == [0.31, None]
+  assert curves[0]["wall_s"] == 60.0 and curves[1]["factor_vae.eval_accuracy"] == 0.8
+
+
 def test_summary_only_reports_unfinished_runs_with_their_latest_evaluation(tmp_path, monkeypatch):
   popen = reproduce.subprocess.Popen
 

@@ -55,13 +55,15 @@ def evaluate_encdiff(config, model: EncDiff, state, dataset: GroundTruthDataset,
 
 
 def evaluation_hook(snapshot) -> dict[str, float]:
-  """The trainer's evaluate hook (train/trainer.py Hooks): eval.train_metrics during training, without keeping
-  the code table (480,000 x 20 floats = 38 MB each); the full eval.metrics with the code table when final."""
+  """The trainer's evaluate hook (train/trainer.py Hooks): eval.train_metrics during training, keeping the code
+  table (480,000 x 20 floats = 38 MB each) only with eval.save_train_codes; the full eval.metrics with the code
+  table when final."""
   s = snapshot
   if s.final:
     return evaluate_encdiff(s.config, s.model, s.state, s.dataset, s.workdir, s.step, ae_params=s.ae_params)[0]
   return evaluate_encdiff(s.config, s.model, s.state, s.dataset, s.workdir, s.step, ae_params=s.ae_params,
-                          metrics=s.config.eval.train_metrics, progress=False, save_codes=False)[0]
+                          metrics=s.config.eval.train_metrics, progress=False,
+                          save_codes=s.config.eval.get("save_train_codes", False))[0]
 
 
 def evaluate_saved_codes(config, dataset: GroundTruthDataset, workdir: str, step: int | None = None, *,
