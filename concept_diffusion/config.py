@@ -328,14 +328,18 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"Invalid config: {message}.")
 
 
+# evaluation.metrics.ALL_METRICS, named here so that checking a config does not import sklearn (tests/test_metrics.py
+# keeps the two equal).
+EVAL_METRICS = ("beta_vae", "dci", "mig", "factor_vae", "sap", "modularity")
+
+
 def _metric_names_check(config: ml_collections.ConfigDict, field: str) -> tuple[bool, str]:
   """eval.<field> names known metrics. Checked before training: otherwise a typo, or a comma list given where a
   tuple belongs (`--config.eval.metrics=dci,mig` is the one string 'dci,mig'), fails at the first evaluation."""
-  from concept_diffusion.evaluation.metrics import ALL_METRICS  # pylint: disable=g-import-not-at-top
   names = config.eval[field]
-  bad = [name for name in names if name not in ALL_METRICS] if isinstance(names, (tuple, list)) else [names]
+  bad = [name for name in names if name not in EVAL_METRICS] if isinstance(names, (tuple, list)) else [names]
   return (not bad, f"eval.{field} has {', '.join(map(repr, bad))}, which is not a metric name; it must be a tuple of "
-          f"names from {ALL_METRICS}, e.g. --config.eval.{field}=\"('factor_vae','mig')\"")
+          f"names from {EVAL_METRICS}, e.g. --config.eval.{field}=\"('factor_vae','mig')\"")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -164,6 +164,16 @@ def eval_history(workdir: str) -> list[dict]:
   return records
 
 
+def token_factor_matrix(record: dict[str, Any] | None) -> tuple[np.ndarray | None, str]:
+  """(num_tokens, num_factors) how much each token's scalar says about each factor, and its source: DCI's
+  importance matrix when the record has one (the boosted trees see all codes at once), else MIG's mutual
+  information over the factor's entropy; (None, "") when the record has neither."""
+  for key, source in (("dci.importance_matrix", "DCI importance"), ("mig.normalized_mutual_info", "MIG's I/H")):
+    if record and key in record:
+      return np.asarray(record[key], np.float64), source
+  return None, ""
+
+
 def figure_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, FIGURES_DIR, name)
 

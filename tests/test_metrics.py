@@ -411,3 +411,8 @@ def test_per_factor_scores_average_to_the_scalars_and_single_out_a_missing_facto
   np.testing.assert_array_equal(mi[:, others].argmax(axis=0), others)
   top_two = np.sort(mi, axis=0)[::-1][:2]
   np.testing.assert_allclose(top_two[0] - top_two[1], mig, atol=1e-12)
+
+
+def test_the_config_knows_every_metric_by_name():
+  from concept_diffusion.config import EVAL_METRICS
+  assert EVAL_METRICS == M.ALL_METRICS

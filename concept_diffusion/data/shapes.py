@@ -19,8 +19,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from concept_diffusion.data import base
+from concept_diffusion.data.array_files import cached_array
 
 FACTOR_NAMES = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
 FACTOR_SIZES = (10, 10, 10, 8, 4, 15)
@@ -264,8 +266,6 @@ class ProceduralShapes3D(base.GroundTruthDataset):
     return self._cache is None
 
   def _open_cache(self, cache_dir: str) -> np.ndarray:
-    from concept_diffusion.data.array_files import cached_array  # pylint: disable=g-import-not-at-top
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     path = os.path.join(os.path.expanduser(cache_dir),
                         f"procedural_shapes_{self.image_size}px_supersample{self.supersample}.npy")
 

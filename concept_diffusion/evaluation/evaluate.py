@@ -13,7 +13,8 @@ from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.metrics import evaluate_codes
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
-from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, write_json
+from concept_diffusion.workdir import (EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, token_factor_matrix,
+                                       write_json)
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]
@@ -120,16 +121,6 @@ def reliance_scores(config, model: EncDiff, state, dataset: GroundTruthDataset,
 def format_table(scores: dict[str, float]) -> str:
   width = max(len(k) for k in scores)
   return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(scores.items()))
-
-
-def token_factor_matrix(record: dict[str, Any] | None) -> tuple[np.ndarray | None, str]:
-  """(num_tokens, num_factors) how much each token's scalar says about each factor, and its source: DCI's
-  importance matrix when the record has one (the boosted trees see all codes at once), else MIG's mutual
-  information over the factor's entropy; (None, "") when the record has neither."""
-  for key, source in (("dci.importance_matrix", "DCI importance"), ("mig.normalized_mutual_info", "MIG's I/H")):
-    if record and key in record:
-      return np.asarray(record[key], np.float64), source
-  return None, ""
 
 
 def describe_factors(record: dict[str, Any]) -> str:
