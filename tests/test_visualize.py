@@ -59,6 +59,22 @@ def test_attention_maps_are_distributions_and_capturing_them_changes_nothing(mod
   assert coarse.shape == (2, 8, 8, encdiff.num_tokens)
 
 
+def test_attention_maps_of_a_patch_stem_unet_are_on_its_patch_grid():
+  config = smoke.get_config()
+  config.first_stage.kind = "none"
+  config.unet.patch_size = 2  # 16x16 images -> the UNet works at 8x8 and 4x4
+  encdiff = build_model(config)
+  variables = jax.jit(encdiff.init)(jax.random.PRNGKey(0))
+  state = EncDiffVariables(variables["params"], variables["batch_stats"], variables["params"]["unet"], jnp.ones(()))
+  assert encdiff.attention_sides() == (8, 4)
+  images = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 3), minval=-1, maxval=1)
+  _, tokens = encdiff.encode_with_tokens(state, images)
+  samples, maps = encdiff.sample_jit(state, None, tokens, jax.random.PRNGKey(4), steps=2, eta=1.0, attention_side=8)
+  assert samples.shape == images.shape and maps.shape == (2, 8, 8, config.encoder.num_tokens)
+  with pytest.raises(ValueError, match=r"no cross-attention layer has a 16x16 query grid; .* sides \[4, 8\]"):
+    encdiff.sample_jit(state, None, tokens, jax.random.PRNGKey(4), steps=2, eta=1.0, attention_side=16)
+
+
 def test_traversal_changes_only_through_the_traversed_token(model):
   encdiff, state, images = model
   n = encdiff.num_tokens

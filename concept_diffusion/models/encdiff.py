@@ -226,7 +226,7 @@ class EncDiff:
     tokens out of the attention layers, e.g. AdaGN)."""
     if not self.has_cross_attention():
       return ()
-    side, levels = self.latent_shape[0], len(self.unet.channel_mult)
+    side, levels = self.latent_shape[0] // self.unet.patch_size, len(self.unet.channel_mult)  # the UNet's grid
     return tuple(side // ds for ds in sorted(self.unet.attention_resolutions) if ds < 2 ** levels)
 
   @functools.lru_cache(maxsize=None)
@@ -284,6 +284,9 @@ def _mean_attention(intermediates, side: int) -> jax.Array:
   """(B, side*side, N): the recorded cross-attention probabilities of the layers with that query grid, averaged
   over heads and layers."""
   maps = [p for p in jax.tree_util.tree_leaves(intermediates) if p.shape[2] == side ** 2]
+  if not maps:
+    sides = sorted({round(p.shape[2] ** 0.5) for p in jax.tree_util.tree_leaves(intermediates)})
+    raise ValueError(f"no cross-attention layer has a {side}x{side} query grid; the UNet's have sides {sides}.")
   return jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)
 
 
