@@ -72,6 +72,8 @@ TABLES = ("fast", "cpu")
 BASELINE_LRS = ("1e-4", "3e-4", "1e-3")  # disentanglement_lib's default first
 # The VAEs see the EncDiff recipe's images: configs/baseline_*.py inherit repro_cpu's data (one ray per pixel).
 FAST_DATA = ("--config.data.supersample=4", "--config.data.cache_dir=~/.cache/concept_diffusion")
+# (run-name prefix, table group, config) of each VAE baseline.
+VAES = (("beta_vae", BETA_VAE, "configs/baseline_vae.py"), ("beta_tcvae", BETA_TCVAE, "configs/baseline_tcvae.py"))
 
 
 def planned_runs(seeds: Sequence[int] = SEEDS, table: str = "fast", root: str = "") -> list[Run]:
@@ -101,8 +103,7 @@ def fast_table_runs(seeds: Sequence[int] = SEEDS, root: str = "") -> list[Run]:
   """EncDiff (configs/repro_fast.py) and both VAEs at their best learning rate, 3 seeds each."""
   runs = [Run(f"encdiff_seed{seeds[0]}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seeds[0]}",))]
   chosen = {}
-  for prefix, group, config in (("beta_vae", BETA_VAE, "configs/baseline_vae.py"),
-                                ("beta_tcvae", BETA_TCVAE, "configs/baseline_tcvae.py")):
+  for prefix, group, config in VAES:
     chosen[prefix] = best_learning_rate(root, prefix)
     for lr in BASELINE_LRS:
       runs.append(Run(f"{prefix}_lr{lr}_seed{seeds[0]}", group if lr == chosen[prefix] else f"{group}, lr {lr}",
@@ -113,8 +114,7 @@ def fast_table_runs(seeds: Sequence[int] = SEEDS, root: str = "") -> list[Run]:
                   ablation="reference: the same encoder untrained (0 steps)"))
   runs += [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seed}",))
            for seed in seeds[1:]]
-  for prefix, group, config in (("beta_vae", BETA_VAE, "configs/baseline_vae.py"),
-                                ("beta_tcvae", BETA_TCVAE, "configs/baseline_tcvae.py")):
+  for prefix, group, config in VAES:
     if chosen[prefix] is not None:
       runs += [Run(f"{prefix}_seed{seed}", group, config,
                    (f"--config.seed={seed}", *FAST_DATA, f"--config.baseline.lr={chosen[prefix]}"))
@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   names = [name for name in args.only.split(",") if name]
   known = {run.name for run in runs}
   if args.table == "fast":  # the VAEs' later seeds have names before their learning rate is known
-    known |= {f"{prefix}_seed{seed}" for prefix in ("beta_vae", "beta_tcvae") for seed in SEEDS[1:]}
+    known |= {f"{prefix}_seed{seed}" for prefix, _, _ in VAES for seed in SEEDS[1:]}
   unknown = sorted(set(names) - known)
   if unknown:
     print(f"error: unknown run(s) {unknown}; known: {sorted(known)}", file=sys.stderr)
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.dry_run:
     for run in pending:
       print("[would run] " + " ".join(run.command(root, nice=args.nice)), flush=True)
-    if args.table == "fast" and not all(best_learning_rate(root, p) for p in ("beta_vae", "beta_tcvae")):
+    if args.table == "fast" and not all(best_learning_rate(root, prefix) for prefix, _, _ in VAES):
       print("[then] the VAEs' seeds 1 and 2 at the learning rate that wins on seed 0")
     print(f"[would write] {os.path.join(root, 'summary.md')}, {os.path.join(root, 'summary.json')}, "
           f"{os.path.join(root, 'curves.png')}")

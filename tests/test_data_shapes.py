@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from concept_diffusion import data
-from concept_diffusion.data import shapes
+from concept_diffusion.data import base, shapes
 from configs import procedural_shapes as procedural_shapes_config
 
 SIZES = (10, 10, 10, 8, 4, 15)
@@ -85,7 +85,9 @@ def test_index_factor_round_trip(ds16):
 
 def test_device_unravel_matches_numpy(ds16):
   indices = np.concatenate([np.random.default_rng(2).integers(0, ds16.num_images, 300), [0, 479_999]])
-  np.testing.assert_array_equal(np.asarray(shapes._unravel(jnp.asarray(indices))), ds16.index_to_factors(indices))
+  # The mapping images_jax renders by (base.unravel_jax over the dataset's factor sizes).
+  device = base.unravel_jax(jnp.asarray(indices), ds16.factor_sizes)
+  np.testing.assert_array_equal(np.asarray(device), ds16.index_to_factors(indices))
 
 
 def test_sample_factors(ds16):

@@ -234,11 +234,6 @@ def render(factors: jax.Array, image_size: int = 64, supersample: int = 1) -> ja
   return (rgb * 2.0 - 1.0).astype(jnp.float32)
 
 
-def _unravel(indices: jax.Array) -> jax.Array:
-  """Row-major index -> factor tuple in jnp, the same mapping as base.GroundTruthDataset.index_to_factors."""
-  return base.unravel_jax(indices, FACTOR_SIZES)
-
-
 class ProceduralShapes3D(base.GroundTruthDataset):
   """Shapes3D factors rendered on the fly; 480,000 images, deterministic, no files.
 
@@ -287,7 +282,8 @@ class ProceduralShapes3D(base.GroundTruthDataset):
     Indices cannot be range-checked here (they may be traced): out-of-range ones wrap around silently, so
     check them on the host (`check_indices`) where they come from.
     """
-    return render(base.unravel_jax(jnp.asarray(indices), self.factor_sizes), image_size=self.image_size, supersample=self.supersample)
+    return render(base.unravel_jax(jnp.asarray(indices), self.factor_sizes), image_size=self.image_size,
+                  supersample=self.supersample)
 
   def images(self, indices: np.ndarray) -> np.ndarray:
     """Images (n, H, W, 3) float32 in [-1, 1]: read from the render cache, else rendered."""

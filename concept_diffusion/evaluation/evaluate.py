@@ -132,15 +132,16 @@ def describe_factors(record: dict[str, Any]) -> str:
     return ""
   names = record.get("factor_names") or [f"factor {j}" for j in range(matrix.shape[1])]
   mi = record.get("mig.normalized_mutual_info")
+  mi = None if mi is None else np.asarray(mi)
   gaps = record.get("mig.per_factor", {})
   accuracy = record.get("dci.informativeness_test_per_factor", {})
   width = max(len(n) for n in names)
   lines = [f"per factor (token = the scalar that carries it most, by {source}):"]
   for j, name in enumerate(names):
-    k = int(np.asarray(matrix)[:, j].argmax())
+    k = int(matrix[:, j].argmax())
     parts = [f"{name:<{width}}  token {k:>2}"]
     if mi is not None:
-      parts.append(f"I/H {np.asarray(mi)[k, j]:.2f}")
+      parts.append(f"I/H {mi[k, j]:.2f}")
     if name in gaps:
       parts.append(f"MIG gap {gaps[name]:.2f}")
     if name in accuracy:
