@@ -11,6 +11,9 @@ r"""The CPU reproduction tables from scratch: EncDiff vs beta-VAE vs beta-TCVAE,
                                         and DCI disentanglement at its final evaluation): planned once those three
                                         have finished, so the VAEs are compared at their best of the three
   untrained_encoder                     configs/repro_fast.py evaluated at step 0
+  then, for each finished encdiff_seed*, DCI on the code tables its evaluations at steps 1,600-6,400 saved
+  (`experiments/evaluate.py --from_codes --step=S --metrics=dci`, ~6 min each on one core), so the curves have DCI
+  at the reference's 10, 20 and 35 minutes without slowing the training runs
 --table=cpu: the earlier table of configs/repro_cpu.py (archived in results/cpu_repro/runs):
   encdiff_seed{0,1,2}      configs/repro_cpu.py
   beta_vae_seed{0,1,2}     configs/baseline_vae.py
@@ -61,11 +64,52 @@ class Run:
   config: str
   overrides: tuple[str, ...] = ()
   ablation: str = ""  # its row in the ablation table ("" = not an ablation row)
+  # Steps whose saved code table gets DCI once the run has finished (Score below), for the curves: DCI costs
+  # ~6 min per evaluation on one core, so the training run's own evaluations leave it out.
+  dci_steps: tuple[int, ...] = ()
 
   def command(self, root: str, python: str = sys.executable, nice: int = 0) -> list[str]:
-    prefix = ["nice", "-n", str(nice)] if nice else []
-    return prefix + [python, os.path.join(REPO, "experiments", "train.py"), f"--config={self.config}",
-                     f"--workdir={os.path.join(root, self.name)}", *self.overrides]
+    return _niced(nice) + [python, os.path.join(REPO, "experiments", "train.py"), f"--config={self.config}",
+                           f"--workdir={os.path.join(root, self.name)}", *self.overrides]
+
+  def done(self, root: str) -> bool:
+    return is_finished(os.path.join(root, self.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+  """Adds `metric` to the evaluation a finished run saved its codes at, `step` (`encdiff-evaluate --from_codes`)."""
+  run: str
+  step: int
+  metric: str = "dci"
+
+  @property
+  def name(self) -> str:
+    return f"{self.run}@{self.step}:{self.metric}"
+
+  def command(self, root: str, python: str = sys.executable, nice: int = 0) -> list[str]:
+    return _niced(nice) + [python, os.path.join(REPO, "experiments", "evaluate.py"),
+                           f"--workdir={os.path.join(root, self.run)}", "--from_codes", f"--step={self.step}",
+                           f"--metrics={self.metric}"]
+
+  def done(self, root: str) -> bool:
+    path = eval_path(os.path.join(root, self.run), "metrics", self.step)
+    return exists(path) and any(key.startswith(self.metric + ".") for key in json.loads(read_text(path)))
+
+
+def _niced(nice: int) -> list[str]:
+  return ["nice", "-n", str(nice)] if nice else []
+
+
+def planned_scores(runs: Sequence[Run], root: str) -> list[Score]:
+  """The DCI scorings still to do for the curves: each finished run's `dci_steps` that have a saved code table."""
+  scores = []
+  for run in runs:
+    workdir = os.path.join(root, run.name)
+    if run.dci_steps and run.done(root):
+      saved = set(eval_steps(workdir, "codes"))
+      scores += [Score(run.name, step) for step in run.dci_steps if step in saved]
+  return [score for score in scores if not score.done(root)]
 
 
 TABLES = ("fast", "cpu")
@@ -99,9 +143,15 @@ def best_learning_rate(root: str, prefix: str) -> str | None:
   return max(BASELINE_LRS, key=lambda lr: (scores[lr], -float(lr)))
 
 
+# repro_fast evaluates every 1,600 steps (~10 min of training on one core): the reference curve's 10, 20 and 35
+# minutes fall at or between the first four.
+FAST_DCI_STEPS = (1600, 3200, 4800, 6400)
+
+
 def fast_table_runs(seeds: Sequence[int] = SEEDS, root: str = "") -> list[Run]:
   """EncDiff (configs/repro_fast.py) and both VAEs at their best learning rate, 3 seeds each."""
-  runs = [Run(f"encdiff_seed{seeds[0]}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seeds[0]}",))]
+  runs = [Run(f"encdiff_seed{seeds[0]}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seeds[0]}",),
+              dci_steps=FAST_DCI_STEPS)]
   chosen = {}
   for prefix, group, config in VAES:
     chosen[prefix] = best_learning_rate(root, prefix)
@@ -112,8 +162,8 @@ def fast_table_runs(seeds: Sequence[int] = SEEDS, root: str = "") -> list[Run]:
   runs.append(Run("untrained_encoder", "EncDiff encoder, untrained", "configs/repro_fast.py",
                   (f"--config.seed={seeds[0]}", "--config.train.num_steps=0", "--config.sample.final_figures=False"),
                   ablation="reference: the same encoder untrained (0 steps)"))
-  runs += [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seed}",))
-           for seed in seeds[1:]]
+  runs += [Run(f"encdiff_seed{seed}", ENCDIFF, "configs/repro_fast.py", (f"--config.seed={seed}",),
+               dci_steps=FAST_DCI_STEPS) for seed in seeds[1:]]
   for prefix, group, config in VAES:
     if chosen[prefix] is not None:
       runs += [Run(f"{prefix}_seed{seed}", group, config,
@@ -347,7 +397,7 @@ def _schedule(queue, active, failed, root, *, nice, parallel, cores, poll_s) -> 
       if code is None:
         continue
       del active[slot]
-      if code != 0 or not is_finished(os.path.join(root, run.name)):
+      if code != 0 or not run.done(root):
         failed.append(run.name)
         print(f"[unfinished] {run.name} (exit code {code}); re-run this command to resume it.", flush=True)
       else:
@@ -424,12 +474,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         pending.append(run)
     return [] if args.summary_only else pending
 
-  pending = pending_runs(runs, report=True)
+  def pending_scores(runs):
+    scores = [score for score in planned_scores(runs, root) if not names or score.run in names]
+    return [] if args.summary_only else scores
+
+  pending = pending_runs(runs, report=True) + pending_scores(runs)
   if args.dry_run:
     for run in pending:
       print("[would run] " + " ".join(run.command(root, nice=args.nice)), flush=True)
     if args.table == "fast" and not all(best_learning_rate(root, prefix) for prefix, _, _ in VAES):
       print("[then] the VAEs' seeds 1 and 2 at the learning rate that wins on seed 0")
+    steps = sorted({step for run in runs if not run.done(root) for step in run.dci_steps})
+    if steps:
+      print(f"[then] DCI on the code tables each EncDiff run saved at steps {', '.join(map(str, steps))}, once "
+            "it has finished (for the curves)")
     print(f"[would write] {os.path.join(root, 'summary.md')}, {os.path.join(root, 'summary.json')}, "
           f"{os.path.join(root, 'curves.png')}")
     return 0
@@ -439,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started |= {run.name for run in pending}
     failed += run_all(pending, root, nice=args.nice, parallel=args.parallel)
     runs = planned_runs(table=args.table, root=root)
-    pending = [run for run in pending_runs(runs, report=False) if run.name not in started]
+    pending = [run for run in pending_runs(runs, report=False) + pending_scores(runs) if run.name not in started]
   text, data = summarise(runs, root)
   with atomic_path(os.path.join(root, "summary.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)

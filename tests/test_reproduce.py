@@ -138,6 +138,36 @@ def test_fast_table_runs_the_vaes_later_seeds_at_the_learning_rate_that_won(tmp_
   assert reproduce.best_learning_rate(str(tmp_path), "beta_vae") == "3e-4"
 
 
+def test_finished_encdiff_runs_get_dci_on_their_saved_code_tables_for_the_curves(tmp_path, monkeypatch, capsys):
+  workdir = tmp_path / "encdiff_seed0"
+  _fake_finished_run(str(workdir), steps=12800)
+  for step in (1600, 3200, 12800):  # the evaluations at 4800 and 6400 saved no codes
+    (workdir / "eval" / f"codes_{step}.npy").write_bytes(b"")
+  (workdir / "eval" / "metrics_1600.json").write_text(json.dumps({"factor_vae.eval_accuracy": 0.6}))
+  (workdir / "eval" / "metrics_3200.json").write_text(json.dumps({"dci.disentanglement": 0.4}))  # already scored
+  assert reproduce.main([f"--root={tmp_path}", "--only=encdiff_seed0", "--dry_run"]) == 0
+  assert "--from_codes --step=1600 --metrics=dci" in capsys.readouterr().out
+  commands = []
+
+  def fake_evaluate(command, cwd):
+    commands.append(command)
+    step = int(next(a for a in command if a.startswith("--step=")).split("=")[1])
+    path = workdir / "eval" / f"metrics_{step}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dci.disentanglement": 0.5}))
+    return 0
+
+  monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(fake_evaluate))
+  assert reproduce.main([f"--root={tmp_path}", "--only=encdiff_seed0"]) == 0
+  assert len(commands) == 1 and commands[0][1].endswith(os.path.join("experiments", "evaluate.py"))
+  assert {f"--workdir={workdir}", "--from_codes", "--step=1600", "--metrics=dci"} <= set(commands[0])
+  assert json.loads((workdir / "eval" / "metrics_1600.json").read_text()) == {
+      "factor_vae.eval_accuracy": 0.6, "dci.disentanglement": 0.5}
+  assert reproduce.main([f"--root={tmp_path}", "--only=encdiff_seed0"]) == 0 and len(commands) == 1  # all done
+  (tmp_path / "encdiff_seed1" / "eval").mkdir(parents=True)  # unfinished: its codes wait for the run to end
+  (tmp_path / "encdiff_seed1" / "eval" / "codes_1600.npy").write_bytes(b"")
+  assert reproduce.planned_scores(reproduce.planned_runs(root=str(tmp_path)), str(tmp_path)) == []
+
+
 def test_a_run_that_exits_without_its_final_evaluation_is_reported(tmp_path, monkeypatch):
   # e.g. preempted: exit 0, not done
   monkeypatch.setattr(reproduce.subprocess, "Popen", _fake_popen(lambda command, cwd: 0))
@@ -177,6 +207,9 @@ class _ScriptRun:
         f"if {self.finish}: open(os.path.join(workdir, 'eval', 'metrics_1.json'), 'w').write('{{}}')\n"
     )
     return [sys.executable, "-c", script]
+
+  def done(self, root):
+    return reproduce.is_finished(os.path.join(root, self.name))
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
