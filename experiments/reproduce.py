@@ -280,7 +280,7 @@ def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
 
 def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
   """Markdown (main table: mean ± std per model; ablation table) and the JSON behind it, finished runs only."""
-  done = [run for run in runs if is_finished(os.path.join(root, run.name))]
+  done = [run for run in runs if run.done(root)]
   main_groups = (ENCDIFF, BETA_VAE, BETA_TCVAE)
   summary = {}
   for group in main_groups:
@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in runs:
       if names and run.name not in names:
         continue
-      if is_finished(os.path.join(root, run.name)):
+      if run.done(root):
         if report:
           print(f"[done] {run.name}")
       else:
