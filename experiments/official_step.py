@@ -62,7 +62,8 @@ def import_official(repo: str):
 
 
 def build_step(official, batch_size: int, seed: int):
-  """(step, bare_step): closures that each run one training step of the official model and return its loss."""
+  """(step, bare_step, UNet parameters, Encoder4 parameters): the closures each run one training step of the
+  official model and return its loss."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 
