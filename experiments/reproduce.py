@@ -26,7 +26,8 @@ every model and the ablations run first,
 so a partial table is already a comparison. A run whose final evaluation exists is skipped; an unfinished one
 resumes from its last checkpoint (train.py does that), so the command can be re-run after any interruption.
 Then it writes --root/summary.md (+ .json: mean ± std per model via experiments/aggregate.py, and the
-ablation table) and --root/curves.png (every evaluated metric against training wall clock and images seen).
+ablation table, and each EncDiff seed against the earlier reference curve, REFERENCE_CURVE) and --root/curves.png
+(every evaluated metric against training wall clock and images seen, the reference points marked).
 --parallel=N runs N at a time, each pinned to its own CPU core with XLA's intra-op threading off: these small
 models use a second core poorly (one process on 2 cores: 21 img/s for configs/repro_cpu.py; two pinned processes:
 16.5 img/s each, 33 in all), so on a CPU machine the table finishes 1.6x sooner with one run per core.
@@ -55,6 +56,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
 ENCDIFF, BETA_VAE, BETA_TCVAE = "EncDiff", "beta-VAE", "beta-TCVAE"
 CURVE_METRICS = ("factor_vae.eval_accuracy", "dci.disentanglement", "mig.discrete_mig")
+# The reference curve the CPU recipes are read against (issue #9): one run of a minimal pixel-space EncDiff on the
+# same 2-core VM, as (training minutes, images seen or None where not recorded, FactorVAE, DCI).
+REFERENCE_CURVE = ((10.0, None, 0.62, 0.13), (20.0, 70_000, 0.78, 0.31), (35.0, 126_000, 0.85, 0.48))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +244,25 @@ def eval_curves(workdir: str, records: Sequence[dict] | None = None) -> list[dic
   return [by_step[s] for s in sorted(by_step)]
 
 
+def against_reference(curve: Sequence[dict]) -> list[dict]:
+  """For each REFERENCE_CURVE point, the run's last evaluation at or before its minute of training (the score
+  the run had reached by then) beside the reference's FactorVAE and DCI; `ahead` is True when each metric the
+  evaluation has is at or above the reference's, None when the run had no evaluation by then."""
+  rows = []
+  for minutes, images, factor_vae, dci in REFERENCE_CURVE:
+    reached = [r for r in curve if r["wall_s"] / 60 <= minutes]
+    row = {"reference_min": minutes, "reference_images": images, "reference_factor_vae": factor_vae,
+           "reference_dci": dci, "ahead": None}
+    if reached:
+      last = reached[-1]
+      row.update(step=last["step"], wall_min=last["wall_s"] / 60, images_seen=int(last["images_seen"]),
+                 factor_vae=last.get("factor_vae.eval_accuracy"), dci=last.get("dci.disentanglement"))
+      pairs = [(row[k], ref) for k, ref in (("factor_vae", factor_vae), ("dci", dci)) if row[k] is not None]
+      row["ahead"] = bool(pairs) and all(value >= ref for value, ref in pairs)
+    rows.append(row)
+  return rows
+
+
 def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
   """Rows: metrics; columns: against training wall clock (minutes) and images seen. One colour per model."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -262,15 +285,21 @@ def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
       labelled.add(run.group)
       axes[row, 0].plot(minutes, values, label=label, **style)
       axes[row, 1].plot(images, values, **style)
+  reference_rows = {"factor_vae.eval_accuracy": 2, "dci.disentanglement": 3}
   for row, metric in enumerate(CURVE_METRICS):
+    if metric in reference_rows:
+      points = [(p[0], p[1], p[reference_rows[metric]]) for p in REFERENCE_CURVE]
+      axes[row, 0].plot([p[0] for p in points], [p[2] for p in points], "kx", markersize=7,
+                        label="reference (issue #9)" if row == 0 else None)
+      known = [p for p in points if p[1] is not None]
+      axes[row, 1].plot([p[1] for p in known], [p[2] for p in known], "kx", markersize=7)
     axes[row, 0].set_ylabel(metric)
     for col, xlabel in enumerate(("training wall clock (min)", "images seen")):
       axes[row, col].set_xlabel(xlabel)
       axes[row, col].set_ylim(0, 1.02)
       axes[row, col].grid(alpha=0.3)
     axes[row, 1].set_xscale("log")
-  if labelled:
-    axes[0, 0].legend(fontsize=7)
+  axes[0, 0].legend(fontsize=7)
   fig.suptitle("Procedural Shapes 32x32 on 2 CPU cores; one line per run (DCI where it was scored)")
   fig.tight_layout()
   with atomic_path(path) as tmp:
@@ -300,6 +329,24 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
   missing = [run.name for run in runs if run not in done]
   if missing:
     text += [f"Not finished: {', '.join(missing)}.", ""]
+  reference = {run.name: against_reference(eval_curves(os.path.join(root, run.name))) for run in runs
+               if run.name.startswith("encdiff_seed") and exists(os.path.join(root, run.name, "metrics.jsonl"))}
+  if reference:
+    text += ["## EncDiff against the reference curve", "",
+             "Each run's last evaluation at or before the reference's minute of training (FactorVAE / DCI; DCI only "
+             "where it was scored).", "",
+             "| run | reference: min, images, FactorVAE / DCI | run: min, images, FactorVAE / DCI | at or above |",
+             "|---|---|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"
+    for name, points in reference.items():
+      for p in points:
+        images = "–" if p["reference_images"] is None else f"{p['reference_images']:,}"
+        ours = ("no evaluation yet" if p["ahead"] is None else
+                f"{p['wall_min']:.1f}, {p['images_seen']:,}, {fmt(p['factor_vae'])} / {fmt(p['dci'])}")
+        verdict = {None: "–", True: "yes", False: "no"}[p["ahead"]]
+        text.append(f"| {name} | {p['reference_min']:.0f}, {images}, {p['reference_factor_vae']:.2f} / "
+                    f"{p['reference_dci']:.2f} | {ours} | {verdict} |")
+    text.append("")
   rows = run_rows(runs, root)
   if rows:
     text += ["## Every run (latest evaluation; training wall clock excludes evaluation)", "",
@@ -310,7 +357,8 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
       text.append(f"| {row['run']} | {row['step']} / {row['planned']} | {row['images_seen']:,} | "
                   f"{row['wall_min']:.1f} | {row.get('eval_step', '')} | {values} |")
     text.append("")
-  return "\n".join(text), {"models": summary, "ablations": ablations, "not_finished": missing, "runs": rows}
+  return "\n".join(text), {"models": summary, "ablations": ablations, "not_finished": missing, "runs": rows,
+                           "against_reference": reference}
 
 
 def run_rows(runs: Sequence[Run], root: str) -> list[dict]:

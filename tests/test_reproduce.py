@@ -93,6 +93,12 @@ def test_runs_then_writes_tables_and_curves(tmp_path, monkeypatch):
                                        "reference: the same encoder untrained (0 steps)"}
   text = (tmp_path / "summary.md").read_text()
   assert "EncDiff (n=3)" in text and "beta-TCVAE (n=3)" in text and "## EncDiff ablations" in text
+  # each EncDiff seed (ablations aside) read against the reference curve: 0.9 / 0.45 after a minute of training,
+  # above 0.62 / 0.13 and 0.78 / 0.31 but below the 35-minute DCI of 0.48
+  assert set(summary["against_reference"]) == {"encdiff_seed0", "encdiff_seed1", "encdiff_seed2"}
+  for points in summary["against_reference"].values():
+    assert [p["ahead"] for p in points] == [True, True, False] and {p["step"] for p in points} == {20}
+  assert "## EncDiff against the reference curve" in text
   assert Image.open(tmp_path / "curves.png").size[0] > 500
   calls.clear()
   assert reproduce.main([f"--root={tmp_path}", "--table=cpu"]) == 0  # everything finished: nothing runs again
@@ -334,3 +340,22 @@ def test_niced_runs_get_their_own_sid_and_are_stopped_like_a_preemption_on_ctrl_
   assert info["sid"] != os.getsid(0)  # started with setsid: its own sid, so its own autogroup ...
   if info["autogroup"]:
     assert info["autogroup"].strip().endswith("nice 7")  # ... whose weight was lowered, not ours
+
+
+def test_against_reference_takes_the_last_evaluation_reached_by_each_reference_minute():
+  curve = [{"step": 1, "wall_s": 9.5 * 60, "images_seen": 100, "factor_vae.eval_accuracy": 0.70,
+            "dci.disentanglement": 0.20},
+           {"step": 2, "wall_s": 19.0 * 60, "images_seen": 200, "factor_vae.eval_accuracy": 0.779},
+           {"step": 3, "wall_s": 20.5 * 60, "images_seen": 300, "factor_vae.eval_accuracy": 0.99,
+            "dci.disentanglement": 0.90}]
+  at_10, at_20, at_35 = reproduce.against_reference(curve)
+  assert [p["reference_min"] for p in (at_10, at_20, at_35)] == [10.0, 20.0, 35.0]
+  assert at_10["step"] == 1 and at_10["ahead"] is True  # 0.70 >= 0.62 and 0.20 >= 0.13
+  # by minute 20 the run had only reached step 2 (step 3 came at 20.5 min): 0.779 < 0.78, no DCI scored
+  assert at_20["step"] == 2 and at_20["dci"] is None and at_20["ahead"] is False
+  assert at_35["step"] == 3 and at_35["ahead"] is True
+  assert reproduce.against_reference([])[0]["ahead"] is None  # no evaluation by then: no verdict
+  # DCI below the reference fails the point even when FactorVAE is above it
+  low_dci = [{"step": 1, "wall_s": 60.0, "images_seen": 32, "factor_vae.eval_accuracy": 0.9,
+              "dci.disentanglement": 0.1}]
+  assert reproduce.against_reference(low_dci)[0]["ahead"] is False
