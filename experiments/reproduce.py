@@ -329,8 +329,10 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
   missing = [run.name for run in runs if run not in done]
   if missing:
     text += [f"Not finished: {', '.join(missing)}.", ""]
-  reference = {run.name: against_reference(eval_curves(os.path.join(root, run.name))) for run in runs
-               if run.name.startswith("encdiff_seed") and exists(os.path.join(root, run.name, "metrics.jsonl"))}
+  started = [run for run in runs if exists(os.path.join(root, run.name, "metrics.jsonl"))]
+  curves = {run.name: eval_curves(os.path.join(root, run.name)) for run in started}
+  reference = {run.name: against_reference(curves[run.name]) for run in started
+               if run.group == ENCDIFF and not run.ablation}
   if reference:
     text += ["## EncDiff against the reference curve", "",
              "Each run's last evaluation at or before the reference's minute of training (FactorVAE / DCI; DCI only "
@@ -347,7 +349,7 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
         text.append(f"| {name} | {p['reference_min']:.0f}, {images}, {p['reference_factor_vae']:.2f} / "
                     f"{p['reference_dci']:.2f} | {ours} | {verdict} |")
     text.append("")
-  rows = run_rows(runs, root)
+  rows = run_rows(started, root, curves)
   if rows:
     text += ["## Every run (latest evaluation; training wall clock excludes evaluation)", "",
              "| run | steps done / planned | images seen | training wall (min) | evaluated at step | "
@@ -361,8 +363,9 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
                            "against_reference": reference}
 
 
-def run_rows(runs: Sequence[Run], root: str) -> list[dict]:
-  """One row per started run: progress (last training record) and its latest evaluation, finished or not."""
+def run_rows(runs: Sequence[Run], root: str, curves: dict[str, list[dict]] | None = None) -> list[dict]:
+  """One row per started run: progress (last training record) and its latest evaluation, finished or not
+  (`curves`: eval_curves per run name where the caller has them already)."""
   rows = []
   for run in runs:
     workdir = os.path.join(root, run.name)
@@ -374,7 +377,7 @@ def run_rows(runs: Sequence[Run], root: str) -> list[dict]:
     row = {"run": run.name, "finished": is_finished(workdir), "step": last.get("step", 0),
            "planned": final_step(workdir), "images_seen": int(last.get("images_seen", 0)),
            "wall_min": last.get("wall_s", 0.0) / 60}
-    evals = eval_curves(workdir, records)
+    evals = curves[run.name] if curves and run.name in curves else eval_curves(workdir, records)
     if evals:
       row["eval_step"] = evals[-1]["step"]
       row.update({m: evals[-1].get(m) for m in CURVE_METRICS})
