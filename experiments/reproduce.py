@@ -332,7 +332,7 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
   started = [run for run in runs if exists(os.path.join(root, run.name, "metrics.jsonl"))]
   curves = {run.name: eval_curves(os.path.join(root, run.name)) for run in started}
   reference = {run.name: against_reference(curves[run.name]) for run in started
-               if run.group == ENCDIFF and not run.ablation}
+               if run.group == ENCDIFF}  # the table seeds (ablations and references have their own groups)
   if reference:
     text += ["## EncDiff against the reference curve", "",
              "Each run's last evaluation at or before the reference's minute of training (FactorVAE / DCI; DCI only "
