@@ -228,12 +228,12 @@ def _records(workdir: str) -> list[dict]:
   return read_metrics(workdir)
 
 
-def eval_curves(workdir: str, records: Sequence[dict] | None = None) -> list[dict]:
+def eval_curves(workdir: str) -> list[dict]:
   """The run's evaluations from metrics.jsonl (stage "eval", with wall_s and images_seen), one per step, with the
   metrics of the step's eval/metrics_<step>.json added: a metric scored afterwards from a saved code table
   (`encdiff-evaluate --from_codes --step=S --metrics=dci`) joins the curve at its step."""
   by_step = {}
-  for record in _records(workdir) if records is None else records:
+  for record in _records(workdir):
     if record.get("stage") == "eval" and "wall_s" in record:
       by_step[record["step"]] = record  # a re-evaluation of a step replaces the earlier one
   for step, record in by_step.items():
@@ -263,8 +263,15 @@ def against_reference(curve: Sequence[dict]) -> list[dict]:
   return rows
 
 
-def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
-  """Rows: metrics; columns: against training wall clock (minutes) and images seen. One colour per model."""
+def started_curves(runs: Sequence[Run], root: str) -> dict[str, list[dict]]:
+  """eval_curves of each run that has started (written metrics.jsonl), by run name, in `runs`' order."""
+  return {run.name: eval_curves(os.path.join(root, run.name)) for run in runs
+          if exists(os.path.join(root, run.name, "metrics.jsonl"))}
+
+
+def plot_curves(runs: Sequence[Run], curves: dict[str, list[dict]], path: str) -> None:
+  """Rows: metrics; columns: against training wall clock (minutes) and images seen. One colour per model.
+  `curves`: started_curves(runs, root)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -273,7 +280,7 @@ def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
   fig, axes = plt.subplots(len(CURVE_METRICS), 2, figsize=(11, 3.2 * len(CURVE_METRICS)), squeeze=False)
   labelled = set()
   for run in runs:
-    records = eval_curves(os.path.join(root, run.name))
+    records = curves.get(run.name, [])
     for row, metric in enumerate(CURVE_METRICS):
       points = [(r["wall_s"] / 60, r["images_seen"], r[metric]) for r in records if metric in r]
       if not points:
@@ -307,8 +314,9 @@ def plot_curves(runs: Sequence[Run], root: str, path: str) -> None:
   plt.close(fig)
 
 
-def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
-  """Markdown (main table: mean ± std per model; ablation table) and the JSON behind it, finished runs only."""
+def summarise(runs: Sequence[Run], root: str, curves: dict[str, list[dict]]) -> tuple[str, dict]:
+  """Markdown (main table: mean ± std per model; ablation table) and the JSON behind it, finished runs only;
+  the reference comparison and the per-run rows from `curves` (started_curves(runs, root))."""
   done = [run for run in runs if run.done(root)]
   main_groups = (ENCDIFF, BETA_VAE, BETA_TCVAE)
   summary = {}
@@ -329,10 +337,8 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
   missing = [run.name for run in runs if run not in done]
   if missing:
     text += [f"Not finished: {', '.join(missing)}.", ""]
-  started = [run for run in runs if exists(os.path.join(root, run.name, "metrics.jsonl"))]
-  curves = {run.name: eval_curves(os.path.join(root, run.name)) for run in started}
-  reference = {run.name: against_reference(curves[run.name]) for run in started
-               if run.group == ENCDIFF}  # the table seeds (ablations and references have their own groups)
+  reference = {run.name: against_reference(curves[run.name]) for run in runs
+               if run.name in curves and run.group == ENCDIFF}  # the table seeds (ablations and references have their own groups)
   if reference:
     text += ["## EncDiff against the reference curve", "",
              "Each run's last evaluation at or before the reference's minute of training (FactorVAE / DCI; DCI only "
@@ -349,7 +355,7 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
         text.append(f"| {name} | {p['reference_min']:.0f}, {images}, {p['reference_factor_vae']:.2f} / "
                     f"{p['reference_dci']:.2f} | {ours} | {verdict} |")
     text.append("")
-  rows = run_rows(started, root, curves)
+  rows = run_rows(runs, root, curves)
   if rows:
     text += ["## Every run (latest evaluation; training wall clock excludes evaluation)", "",
              "| run | steps done / planned | images seen | training wall (min) | evaluated at step | "
@@ -363,21 +369,20 @@ def summarise(runs: Sequence[Run], root: str) -> tuple[str, dict]:
                            "against_reference": reference}
 
 
-def run_rows(runs: Sequence[Run], root: str, curves: dict[str, list[dict]] | None = None) -> list[dict]:
-  """One row per started run: progress (last training record) and its latest evaluation, finished or not
-  (`curves`: eval_curves per run name where the caller has them already)."""
+def run_rows(runs: Sequence[Run], root: str, curves: dict[str, list[dict]]) -> list[dict]:
+  """One row per started run (one in `curves`): progress (last training record) and its latest evaluation,
+  finished or not."""
   rows = []
   for run in runs:
-    workdir = os.path.join(root, run.name)
-    if not exists(os.path.join(workdir, "metrics.jsonl")):
+    if run.name not in curves:
       continue
-    records = _records(workdir)
-    training = [r for r in records if r.get("stage") != "eval" and "wall_s" in r]
+    workdir = os.path.join(root, run.name)
+    training = [r for r in _records(workdir) if r.get("stage") != "eval" and "wall_s" in r]
     last = training[-1] if training else {}
     row = {"run": run.name, "finished": is_finished(workdir), "step": last.get("step", 0),
            "planned": final_step(workdir), "images_seen": int(last.get("images_seen", 0)),
            "wall_min": last.get("wall_s", 0.0) / 60}
-    evals = curves[run.name] if curves and run.name in curves else eval_curves(workdir, records)
+    evals = curves[run.name]
     if evals:
       row["eval_step"] = evals[-1]["step"]
       row.update({m: evals[-1].get(m) for m in CURVE_METRICS})
@@ -549,11 +554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed += run_all(pending, root, nice=args.nice, parallel=args.parallel)
     runs = planned_runs(table=args.table, root=root)
     pending = [run for run in pending_runs(runs, report=False) + pending_scores(runs) if run.name not in started]
-  text, data = summarise(runs, root)
+  curves = started_curves(runs, root)
+  text, data = summarise(runs, root, curves)
   with atomic_path(os.path.join(root, "summary.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
   write_json(os.path.join(root, "summary.json"), aggregate._nan_to_none(data), indent=2)  # pylint: disable=protected-access
-  plot_curves(runs, root, os.path.join(root, "curves.png"))
+  plot_curves(runs, curves, os.path.join(root, "curves.png"))
   print(text)
   print(f"wrote {os.path.join(root, 'summary.md')}, summary.json and curves.png")
   if args.archive and absolute(args.archive) != root:
