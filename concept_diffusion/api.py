@@ -5,6 +5,7 @@
   grid = run.swap(sources, targets, token=3)         # sources with scalar 3 taken from the targets
   cells = run.traverse(image, token=3, values=np.linspace(-2, 2, 7))
   images, maps = run.attention_maps(images)          # (B, side, side, N) cross-attention per token
+  record = run.generation_metrics(num_images=200)    # reconstructions and swaps read by the factor reader
   run.model, run.config, run.variables, run.ae_params, run.dataset
 
 Images are (B, H, W, C) float arrays in [-1, 1] (dataset.images(indices) gives them); outputs are too. Sampling uses
@@ -23,6 +24,7 @@ import numpy as np
 
 from concept_diffusion import data as data_lib
 from concept_diffusion import states
+from concept_diffusion.evaluation import evaluate
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model
 from concept_diffusion.workdir import load_config
 
@@ -72,17 +74,33 @@ class Run:
            steps: Optional[int] = None, eta: Optional[float] = None) -> np.ndarray:
     """Each source regenerated with scalar(s) `token` taken from the matching target (same noise as
     `reconstruct(sources, seed)`, so only the swapped factor should change)."""
-    src, tgt = self.encode(sources), self.encode(targets)
-    mask = np.zeros(src.shape[1], bool)
-    mask[np.asarray(token)] = True
-    return self.sample(np.where(mask, tgt, src), seed, steps, eta)
+    token_set = tuple(int(k) for k in np.atleast_1d(token))
+    return np.asarray(self.model.swap_grid(self.variables, self.ae_params, jnp.asarray(sources, jnp.float32),
+                                           jnp.asarray(targets, jnp.float32), jax.random.PRNGKey(seed),
+                                           token_sets=(token_set,), **self._sampling(steps, eta))[0])
 
   def traverse(self, image: Any, token: int, values: Sequence[float], seed: int = 0,
                steps: Optional[int] = None, eta: Optional[float] = None) -> np.ndarray:
-    """(V, H, W, C): one image (H, W, C) regenerated with scalar `token` set to each of `values`."""
-    scalars = np.repeat(self.encode(np.asarray(image)[None]), len(values), axis=0)
-    scalars[:, token] = np.asarray(values, np.float32)
-    return self.sample(scalars, seed, steps, eta)
+    """(V, H, W, C): one image (H, W, C) regenerated with scalar `token` set to each of `values` (each cell from
+    the noise `sample(..., seed)` gives a single image)."""
+    values = jnp.asarray(values, jnp.float32)[None]
+    return np.asarray(self.model.traversal_grid(self.variables, self.ae_params, jnp.asarray(image, jnp.float32),
+                                                values, jax.random.PRNGKey(seed), tokens=(int(token),),
+                                                **self._sampling(steps, eta))[0])
+
+  def generation_metrics(self, num_images: Optional[int] = None, seed: Optional[int] = None,
+                         steps: Optional[int] = None, eta: Optional[float] = None,
+                         tokens: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """The generation metrics (evaluation/generation.py) of this run, as `encdiff-evaluate --metrics=generation`
+    computes them, without writing anything: reconstruction accuracy per factor, the swap matrix of `tokens`
+    (default: the informative ones) and the swap score per factor."""
+    config = self.config
+    if seed is not None:
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.eval.seed = seed
+    return evaluate.evaluate_generation(config, self.model, self.variables, self.ae_params, self.dataset,
+                                        self.workdir, self.step, num_images=num_images, steps=steps, eta=eta,
+                                        tokens=tokens, write=False)
 
   def attention_maps(self, images: Any, side: Optional[int] = None, seed: int = 0, steps: Optional[int] = None,
                      eta: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:

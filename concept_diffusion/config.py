@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from concept_diffusion.diffusion import LOSS_WEIGHTINGS, SCHEDULES, TIMESTEP_SAMPLINGS
+from concept_diffusion.diffusion import LOSS_WEIGHTINGS, SCHEDULES, SPACINGS, TIMESTEP_SAMPLINGS
 from concept_diffusion.models import encdiff
 from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
 
@@ -216,10 +216,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (evaluation/token_reliance.py). The same eval.seed-drawn images every time, so it is a curve over training.
   ev.token_reliance_images = 256  # 0 = off
   ev.token_reliance_bands = 5
+  # Generation metrics (evaluation/generation.py; "generation" in eval.metrics or encdiff-evaluate
+  # --metrics=generation): reconstructions and token swaps of generation_images seeded pairs, read back by a factor
+  # reader (a small classifier trained on the dataset's own labels, cached per dataset in generation_reader_dir).
+  ev.generation_images = 1_000
+  ev.generation_batch_size = 100
+  ev.generation_ddim_steps = 0  # 0 = sample.ddim_steps
+  ev.generation_reader_steps = 2_000
+  ev.generation_reader_dir = "~/.cache/concept_diffusion/readers"
 
   sample = config.sample = ml_collections.ConfigDict()
   sample.ddim_steps = 200  # log_images / recon_metrics
   sample.eta = 1.0
+  # Clip the sampler's x0 estimates to the data range: auto = on where the UNet works on pixels ([-1, 1]), off
+  # in a latent space (LDM's DDIM does not clip latents). Pixel-space runs are unstable without it: near
+  # alpha_bar_T = 2.4e-9 (cosine) x0 = (x - sqrt(1-a) eps) / sqrt(a) multiplies eps errors by ~2e4
+  # (diffusion/sampling.py; measured in docs/generation.md).
+  sample.clip_x0 = "auto"  # auto | on | off
+  # Which timesteps a DDIM chain of ddim_steps visits: leading (LDM's uniform grid, official) | trailing (Lin et
+  # al. 2024: always starts at T - 1).
+  sample.timestep_spacing = "leading"
+  # Start the chain at the largest t with alpha_bar_t >= this (0 = at the end of the schedule, official): a floor
+  # on the terminal SNR.
+  sample.min_alpha_bar = 0.0
   sample.num_images = 8
   sample.final_figures = True  # write every figure (swap grid, attention maps, ...) when training finishes
 
@@ -285,12 +304,13 @@ NUMERIC_DOMAINS = (
       "train.grad_clip_norm", "first_stage.beta",
       "first_stage.kl_weight", "first_stage.pixel_weight", "first_stage.perceptual_weight",
       "first_stage.codebook_weight", "first_stage.disc_start", "first_stage.disc_weight", "first_stage.disc_factor",
-      "diffusion.cosine_s", "sample.eta", "eval.every", "eval.seed", "train.figure_every", "data.loader_threads",
+      "diffusion.cosine_s", "sample.eta", "sample.min_alpha_bar", "eval.generation_ddim_steps", "eval.every", "eval.seed", "train.figure_every", "data.loader_threads",
       "data.prefetch_batches", "mesh.fsdp_min_size", "first_stage.disc_layers"),
      _non_negative, ">= 0 (train.num_steps=0 scores the untrained model; eval.every/train.figure_every=0: off)"),
     (("train.log_every", "train.checkpoint_every", "first_stage.log_every", "first_stage.checkpoint_every",
       "baseline.log_every", "baseline.checkpoint_every", "train.keep_checkpoints", "train.batch_size",
-      "first_stage.batch_size", "baseline.batch_size", "eval.batch_size", "sample.ddim_steps", "sample.num_images",
+      "first_stage.batch_size", "baseline.batch_size", "eval.batch_size", "eval.generation_images",
+      "eval.generation_batch_size", "eval.generation_reader_steps", "sample.ddim_steps", "sample.num_images",
       "diffusion.timesteps", "data.image_size", "data.channels", "encoder.num_tokens", "encoder.token_dim",
       "encoder.width", "unet.model_channels", "unet.num_heads", "unet.transformer_depth", "unet.norm_groups",
       "unet.num_res_blocks", "first_stage.ch", "first_stage.num_res_blocks", "first_stage.z_channels",
@@ -337,9 +357,10 @@ def _metric_names_check(config: ml_collections.ConfigDict, field: str) -> tuple[
   """eval.<field> names known metrics. Checked before training: otherwise a typo, or a comma list given where a
   tuple belongs (`--config.eval.metrics=dci,mig` is the one string 'dci,mig'), fails at the first evaluation."""
   names = config.eval[field]
-  bad = [name for name in names if name not in EVAL_METRICS] if isinstance(names, (tuple, list)) else [names]
+  known = EVAL_METRICS + ("generation",)  # evaluation/generation.py, scored from samples rather than codes
+  bad = [name for name in names if name not in known] if isinstance(names, (tuple, list)) else [names]
   return (not bad, f"eval.{field} has {', '.join(map(repr, bad))}, which is not a metric name; it must be a tuple of "
-          f"names from {EVAL_METRICS}, e.g. --config.eval.{field}=\"('factor_vae','mig')\"")
+          f"names from {known}, e.g. --config.eval.{field}=\"('factor_vae','mig')\"")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -359,6 +380,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"encoder.kind must be a registered encoder, one of {sorted(encdiff.ENCODERS)}"),
       (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.sample.clip_x0 in ("auto", "on", "off"), "sample.clip_x0 must be 'auto', 'on' or 'off'"),
+      (config.sample.timestep_spacing in SPACINGS, f"sample.timestep_spacing must be one of {SPACINGS}"),
+      (config.sample.min_alpha_bar < 0.5, "sample.min_alpha_bar must be < 0.5 (a floor near alpha_bar_T, e.g. 1e-4)"),
       (config.diffusion.get("objective", "eps") in ("eps", "one_shot"),
        "diffusion.objective must be 'eps' or 'one_shot'"),
       (config.diffusion.get("timestep_sampling", "uniform") in TIMESTEP_SAMPLINGS,

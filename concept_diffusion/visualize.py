@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from typing import Iterator, Sequence
@@ -11,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from concept_diffusion.evaluation import generation
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
 from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_history, eval_path, eval_steps, figure_path,
-                                       load_npy, read_metrics, token_factor_matrix)
+                                       load_npy, read_metrics, read_text, token_factor_matrix)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -29,25 +31,29 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def image_grid(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, pad: int = 2,
-               upscale: int = 1) -> np.ndarray:
-  """Rows of uint8 images (n, H, W, C) -> one (H', W', 3) uint8 grid, with an optional label per row."""
+               upscale: int = 1, col_labels: Sequence[str] | None = None) -> np.ndarray:
+  """Rows of uint8 images (n, H, W, C) -> one (H', W', 3) uint8 grid, with an optional label per row and per column
+  (a column label may have several lines, split at newlines)."""
   rows = [np.asarray(r) for r in rows]
   n = max(len(r) for r in rows)
   h, w = rows[0].shape[1:3]
   label_w = 0 if not labels else 8 + 7 * max(len(s) for s in labels)
+  header_h = 0 if not col_labels else 4 + 11 * max(len(s.split("\n")) for s in col_labels)
   cell_h, cell_w = h * upscale + pad, w * upscale + pad
-  grid = np.full((len(rows) * cell_h + pad, label_w + n * cell_w + pad, 3), 255, np.uint8)
+  grid = np.full((header_h + len(rows) * cell_h + pad, label_w + n * cell_w + pad, 3), 255, np.uint8)
   for i, row in enumerate(rows):
     for j, img in enumerate(row):
       img = to_rgb(img)
       img = np.repeat(np.repeat(img, upscale, axis=0), upscale, axis=1)
-      y, x = pad + i * cell_h, label_w + pad + j * cell_w
+      y, x = header_h + pad + i * cell_h, label_w + pad + j * cell_w
       grid[y:y + h * upscale, x:x + w * upscale] = img
-  if labels:
+  if labels or col_labels:
     pil = Image.fromarray(grid)
     draw = ImageDraw.Draw(pil)
-    for i, text in enumerate(labels):
-      draw.text((4, pad + i * cell_h + cell_h // 2 - 6), text, fill=(0, 0, 0))
+    for i, text in enumerate(labels or ()):
+      draw.text((4, header_h + pad + i * cell_h + cell_h // 2 - 6), text, fill=(0, 0, 0))
+    for j, text in enumerate(col_labels or ()):
+      draw.multiline_text((label_w + pad + j * cell_w + 1, 2), text, fill=(0, 0, 0), spacing=1)
     grid = np.asarray(pil)
   return grid
 
@@ -149,19 +155,74 @@ def plot_metric_history(history: Sequence[dict], path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The figures of a run (swap grid, attention maps, traversals, reconstructions, samples, curves, DCI).
 
-def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
-  """'token k' plus the factor it explains most (DCI importance, else MIG's mutual information; see
-  workdir.token_factor_matrix); '(uninformative)' when its total is below 5% of the most informative token's."""
+def token_labels(num_tokens: int, evaluation: dict | None, generation_record: dict | None = None) -> list[str]:
+  """'token k' plus what it does. With a generation record (W/eval/generation_<step>.json): the factor its swaps
+  really change and how often ('token 3 swaps floor_hue 94%'), or 'swap changes nothing' when no factor takes the
+  target's value in 20% of its swaps. Otherwise the factor its scalar encodes most, with the value of the
+  information matrix it comes from (DCI importance, else MIG's I/H; workdir.token_factor_matrix), and
+  '(uninformative)' for tokens below generation.UNINFORMATIVE_SHARE of the most informative one."""
   labels = [f"token {k}" for k in range(num_tokens)]
-  importance, _ = token_factor_matrix(evaluation)
-  if importance is None:
-    return labels
-  names = evaluation.get("factor_names") or [f"factor {j}" for j in range(importance.shape[1])]
-  total = importance.sum(axis=1)
-  for k in range(min(num_tokens, importance.shape[0])):
-    labels[k] += (f" -> {names[int(importance[k].argmax())]}" if total[k] >= 0.05 * total.max()
-                  else " (uninformative)")
+  matrix, source = token_factor_matrix(evaluation)
+  informative = set(range(num_tokens)) if matrix is None else set(generation.informative_tokens(matrix).tolist())
+  swapped = set(generation_record.get("generation.swap_tokens", [])) if generation_record else set()
+  swap_labels = generation.swap_factor_labels(generation_record, num_tokens)
+  names = (evaluation or {}).get("factor_names") or []
+  for k in range(num_tokens):
+    if k in swap_labels:
+      labels[k] += f" swaps {swap_labels[k]}"
+    elif k in swapped:
+      labels[k] += " swap changes nothing"
+    elif k not in informative:
+      labels[k] += " (uninformative)"
+    elif matrix is not None and k < matrix.shape[0]:
+      j = int(matrix[k].argmax())
+      name = names[j] if j < len(names) else f"factor {j}"
+      labels[k] += f" encodes {name} ({'I/H' if source.startswith('MIG') else 'importance'} {matrix[k, j]:.2f})"
   return labels
+
+
+def shown_tokens(num_tokens: int, evaluation: dict | None, all_tokens: bool = False) -> tuple[int, ...]:
+  """The tokens figures draw: every token with `all_tokens` or without an evaluation record to judge them by,
+  else the informative ones (generation.informative_tokens)."""
+  matrix, _ = token_factor_matrix(evaluation)
+  if all_tokens or matrix is None:
+    return tuple(range(num_tokens))
+  return tuple(int(k) for k in generation.informative_tokens(matrix) if k < num_tokens)
+
+
+def latest_generation_record(workdir: str) -> dict | None:
+  steps = eval_steps(workdir, "generation")
+  return json.loads(read_text(eval_path(workdir, "generation", steps[-1]))) if steps else None
+
+
+def plot_swap_matrix(record: dict, path: str) -> None:
+  """The swap matrix of a generation record: per swapped token (rows) the share of swaps in which each factor
+  (columns) takes the target's value, annotated."""
+  matrix = np.asarray(record["generation.swap_matrix"], np.float64).reshape(len(record["generation.swap_tokens"]),
+                                                                           len(record["factor_names"]))
+  names = record["factor_names"]
+  with _pyplot_figure(path, figsize=(1.6 + 0.8 * len(names), 1.4 + 0.32 * max(matrix.shape[0], 1))) as (fig, ax):
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(matrix.shape[0]), [f"token {k}" for k in record["generation.swap_tokens"]], fontsize=7)
+    for (i, j), value in np.ndenumerate(matrix):
+      ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value < 0.6 else "black")
+    recon = record.get("generation.reconstruction_accuracy", float("nan"))
+    ax.set_title(f"swap take-rate, step {record.get('step', '?')} ({record['generation.num_images']} pairs; "
+                 f"reconstruction accuracy {recon:.2f})", fontsize=8)
+    fig.colorbar(im, ax=ax)
+
+
+def _column_label(label: str) -> str:
+  """A token label on narrow columns: 'token 3' over what it does, wrapped to ~9 characters a line."""
+  head, _, rest = label.partition(" ")[2].partition(" ")
+  words, lines = rest.strip("()").split(), []
+  for word in words:
+    if lines and len(lines[-1]) + len(word) < 9:
+      lines[-1] += " " + word
+    else:
+      lines.append(word)
+  return "\n".join([f"token {head}"] + lines)
 
 
 def figures_hook(snapshot) -> list[str]:
@@ -178,14 +239,16 @@ def figures_hook(snapshot) -> list[str]:
 def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_params, rng, *, step: int,
                       num_images: int | None = None,
                       attention_side: int | None = None, traversal_values: int = 7,
-                      writer=None, light: bool = False) -> list[str]:
+                      writer=None, light: bool = False, all_tokens: bool = False) -> list[str]:
   """Writes the figures of a trained run to W/figures/ (and TensorBoard when `writer` is given).
 
   Swap grid (row k: token k from the target), per-token cross-attention maps averaged over heads, over the
   layers at `attention_side` (default: the finest) and over the sampling steps, traversals over quantiles of
   each scalar, DDIM reconstructions with MSE/SSIM, samples, loss curves, the DCI importance matrix and the
   metric history. `light` writes only the swap grid and the reconstructions (the periodic training figures).
-  Sampling is batched and jitted (EMA UNet, config.sample's DDIM steps and eta).
+  Sampling is batched and jitted (EMA UNet, config.sample's DDIM settings). Tokens are labelled by what their swaps
+  change when the run has generation metrics, else by what their scalars encode; uninformative tokens are left out
+  unless `all_tokens`.
 
   Each figure shows min(num_images, dataset.num_images) images. The swap targets are further images when the
   dataset has enough, otherwise the shown images again, each paired with a different one; a dataset of one image
@@ -204,7 +267,8 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
   targets = images[n:] if num_drawn == 2 * n else jnp.roll(sources, -1, axis=0)
   history = eval_history(workdir)
   evaluation = history[-1] if history else None
-  labels = token_labels(config.encoder.num_tokens, evaluation)
+  labels = token_labels(config.encoder.num_tokens, evaluation, latest_generation_record(workdir))
+  shown = shown_tokens(config.encoder.num_tokens, evaluation, all_tokens)
   keys = jax.random.split(rng, 4)
   written = []
 
@@ -215,9 +279,10 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
       writer.image(step, f"figures/{name[:-4]}", grid)
 
   if dataset.num_images >= 2:
-    swaps = model.swap_grid(state, ae_params, sources, targets, keys[0], steps=steps, eta=eta)
+    swaps = model.swap_grid(state, ae_params, sources, targets, keys[0], steps=steps, eta=eta,
+                            token_sets=((),) + tuple((k,) for k in shown))
     save("swap_grid.png", image_grid([to_u8(sources), to_u8(targets)] + [to_u8(r) for r in swaps],
-                                     ["source", "target", "own tokens"] + [f"swap {s}" for s in labels],
+                                     ["source", "target", "own tokens"] + [labels[k] for k in shown],
                                      upscale=upscale))
   else:
     print(f"note: no swap_grid.png: the dataset {dataset.name} has 1 image, and a swap needs a second one to take "
@@ -246,8 +311,9 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
     maps = np.asarray(maps)
     big = to_rgb(np.repeat(np.repeat(to_u8(sources), upscale, axis=1), upscale, axis=2))  # beside colour overlays
     rows = [np.stack([big[i]] + [heat_overlay(big[i], maps[i, :, :, k] / max(maps[i].max(), 1e-8))
-                                 for k in range(maps.shape[-1])]) for i in range(n)]
-    save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)]))
+                                 for k in shown]) for i in range(n)]
+    columns = ["input"] + [_column_label(labels[k]) for k in shown]
+    save("attention_maps.png", image_grid(rows, [f"image {i}" for i in range(n)], col_labels=columns))
   else:  # e.g. the AdaGN ablation: no cross-attention maps to draw
     samples = model.sample_jit(state, ae_params, own_tokens, keys[1], steps=steps, eta=eta)
   save("samples.png", image_grid([to_u8(samples)], ["samples"], upscale=upscale))
@@ -259,9 +325,9 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
   else:
     codes = np.asarray(model.encode(state, images))
   values = np.quantile(codes, np.linspace(0.05, 0.95, traversal_values), axis=0).T  # (N, V)
-  trav = model.traversal_grid(state, ae_params, sources[0], jnp.asarray(values, jnp.float32), keys[2],
-                                 steps=steps, eta=eta)
-  save("traversals.png", image_grid([to_u8(r) for r in trav], labels, upscale=upscale))
+  trav = model.traversal_grid(state, ae_params, sources[0], jnp.asarray(values[list(shown)], jnp.float32), keys[2],
+                              tokens=shown, steps=steps, eta=eta)
+  save("traversals.png", image_grid([to_u8(r) for r in trav], [labels[k] for k in shown], upscale=upscale))
 
   if plot_curves(read_metrics(workdir), os.path.join(figures, "loss_curves.png")):
     written.append(os.path.join(figures, "loss_curves.png"))

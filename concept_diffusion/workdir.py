@@ -50,7 +50,7 @@ CONFIG_FILE, METRICS_FILE, LOCK_FILE = "config.json", "metrics.jsonl", "lock.jso
 
 # An evaluation at step S writes W/eval/metrics_S.json (its scores) and W/eval/codes_S.npy (the code table they
 # were computed from); every reader and writer of those names goes through these two functions.
-EVAL_FILE_SUFFIXES = {"metrics": ".json", "codes": ".npy"}
+EVAL_FILE_SUFFIXES = {"metrics": ".json", "codes": ".npy", "generation": ".json"}
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

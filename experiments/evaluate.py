@@ -1,10 +1,13 @@
 r"""Encodes a run's dataset with its trained encoder and computes the disentanglement metrics.
 
   encdiff-evaluate --workdir=runs/quickstart [--step=S] [--metrics=factor_vae,dci] [--from_codes]
+  encdiff-evaluate --workdir=runs/quickstart --metrics=generation [--num_images=1000] [--ddim_steps=50] [--eta=1]
 
 Writes W/eval/metrics_<step>.json (merged: metrics not recomputed keep their earlier values) and
 W/eval/codes_<step>.npy and prints a table. --from_codes re-scores the code table an earlier evaluation saved
 (no checkpoint, no encoding pass), e.g. to add per-factor scores or another metric to a finished run.
+--metrics=generation scores what the run generates (reconstructions and token swaps read by the dataset's factor
+reader; W/eval/generation_<step>.json and W/figures/swap_matrix.png).
 """
 from absl import flags, logging
 
@@ -17,10 +20,17 @@ from concept_diffusion.workdir import load_config
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by encdiff-train.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _METRICS = flags.DEFINE_list("metrics", None, "Metrics (default: the config's eval.metrics). Known: beta_vae, "
-                             "dci, mig, factor_vae, sap, modularity. 'token_reliance' alone: only that diagnostic "
+                             "dci, mig, factor_vae, sap, modularity; generation (EncDiff: reconstructions and swaps read "
+                             "by the factor reader). 'token_reliance' alone: only that diagnostic "
                              "(EncDiff; no dataset encoding, nothing written), printed.")
 _FROM_CODES = flags.DEFINE_bool("from_codes", False, "Score W/eval/codes_<step>.npy (default: the latest saved) "
                                 "instead of encoding the dataset with the checkpoint's encoder.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Generation metrics: source/target pairs (default: the "
+                                   "config's eval.generation_images, 1,000).")
+_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", None, "Generation metrics: DDIM steps (default: "
+                                   "eval.generation_ddim_steps, else sample.ddim_steps).")
+_ETA = flags.DEFINE_float("eta", None, "Generation metrics: DDIM eta (default: sample.eta).")
+_TOKENS = flags.DEFINE_list("tokens", None, "Generation metrics: tokens to swap (default: the informative ones).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -45,12 +55,17 @@ def _main(argv):
     step = run.step
     if _METRICS.value == ["token_reliance"]:  # the diagnostic alone needs no code table
       scores = evaluate.reliance_scores(config, run.model, run.variables, dataset, run.ae_params)
+    elif _METRICS.value == [evaluate.GENERATION]:  # no code table either: it samples
+      record = evaluate.evaluate_generation(
+          config, run.model, run.variables, run.ae_params, dataset, workdir, step, num_images=_NUM_IMAGES.value,
+          steps=_DDIM_STEPS.value, eta=_ETA.value, tokens=[int(k) for k in _TOKENS.value] if _TOKENS.value else None)
+      scores = {k: v for k, v in record.items() if isinstance(v, float)}
     else:
       scores, extras = evaluate.evaluate_encdiff(config, run.model, run.variables, dataset, workdir, step,
                                                  metrics=_METRICS.value, ae_params=run.ae_params)
   print(f"{config.data.name} step {step}{source}")
   print(evaluate.format_table(scores))
-  per_factor = evaluate.describe_step(workdir, step) if extras else ""
+  per_factor = evaluate.describe_step(workdir, step) if extras or evaluate.GENERATION in (_METRICS.value or ()) else ""
   if per_factor:
     print(per_factor)
 

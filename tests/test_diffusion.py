@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_diffusion.diffusion import (ddim_sample, ddim_timesteps, ddpm_sample, make_beta_schedule, noise_loss,
-                                         q_sample, sample_timesteps, schedule_from_betas)
+from concept_diffusion.diffusion import (SCHEDULES, SPACINGS, ddim_sample, ddim_timesteps, ddpm_sample, last_timestep,
+                                         make_beta_schedule, noise_loss, q_sample, sample_timesteps,
+                                         schedule_from_betas)
 
 
 def test_linear_schedule_is_linear_in_sqrt_beta():
@@ -100,16 +101,55 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
   assert float(jnp.abs(a - c).max()) > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_samplers_with_oracle_recover_x0(kind):
-  T = 200
-  sched = schedule_from_betas(make_beta_schedule(kind, T, 0.0015, 0.0155))
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_samplers_with_the_exact_eps_recover_x0(kind, spacing):
+  """Given the exact eps, DDIM (eta 0) and DDPM (the respaced posterior) end at x0 for every schedule and chain
+  length: the 'sqrt' schedule's alpha_bar_T = 3e-44 underflows float32, and the cosine one's 2.4e-9 amplifies
+  every rounding error by 1/sqrt(alpha_bar_T) on the first steps."""
+  T = 1000
+  sched = schedule_from_betas(make_beta_schedule(kind, T))
   x0 = jax.random.uniform(jax.random.PRNGKey(3), (2, 4, 4, 3), minval=-1, maxval=1)
   x_T = jax.random.normal(jax.random.PRNGKey(4), x0.shape)
-  out = ddpm_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(5))
-  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
-  _, pred_x0 = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), T, eta=1.0, return_x0=True)
-  np.testing.assert_allclose(np.asarray(pred_x0), np.asarray(x0), atol=2e-3)
+  abar = sched.alphas_cumprod
+  for steps in (25, 50, 200, 1000):
+    ddpm = ddpm_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(5), steps, spacing=spacing)
+    np.testing.assert_allclose(np.asarray(ddpm), np.asarray(x0), atol=2e-3, err_msg=f"DDPM {steps} steps")
+    x, pred_x0 = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), steps, eta=0.0,
+                             return_x0=True, spacing=spacing)
+    np.testing.assert_allclose(np.asarray(pred_x0), np.asarray(x0), atol=2e-3, err_msg=f"DDIM {steps} steps")
+    # The last DDIM step lands on alpha_bar_0 (LDM), along the line from x0 through the initial noise.
+    t_first = ddim_timesteps(T, steps, spacing)[-1]
+    eps = (np.asarray(x_T, np.float64) - np.sqrt(abar[t_first]) * np.asarray(x0)) / np.sqrt(1 - abar[t_first])
+    expected = np.sqrt(abar[0]) * np.asarray(x0) + np.sqrt(1 - abar[0]) * eps
+    np.testing.assert_allclose(np.asarray(x), expected, atol=2e-3, err_msg=f"DDIM {steps} steps")
+
+
+def test_ddim_chains_visit_the_requested_timesteps():
+  leading, trailing = ddim_timesteps(1000, 50, "leading"), ddim_timesteps(1000, 50, "trailing")
+  assert len(leading) == len(trailing) == 50
+  assert leading[-1] == 981 and trailing[-1] == 999 and trailing[0] == 19
+  np.testing.assert_array_equal(ddim_timesteps(1000, 1000, "trailing"), np.arange(1000))
+  sched = schedule_from_betas(make_beta_schedule("cosine", 1000))
+  t_max = last_timestep(sched, 1e-4)
+  assert sched.alphas_cumprod[t_max] >= 1e-4 > sched.alphas_cumprod[t_max + 1]
+  with pytest.raises(ValueError, match="min_alpha_bar"):
+    last_timestep(sched, 1.0)
+
+
+def test_clipping_x0_keeps_a_wrong_denoiser_in_range_and_is_a_no_op_for_the_right_one():
+  sched = schedule_from_betas(make_beta_schedule("cosine", 1000))
+  x0 = jax.random.uniform(jax.random.PRNGKey(3), (2, 4, 4, 3), minval=-1, maxval=1)
+  x_T = jax.random.normal(jax.random.PRNGKey(4), x0.shape)
+  exact = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), 50, eta=0.0, clip_x0=(-1.0, 1.0))
+  plain = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), 50, eta=0.0)
+  np.testing.assert_allclose(np.asarray(exact), np.asarray(plain), atol=2e-3)
+  # One step from t = T - 1 with an eps off by 1e-3: unclipped, x0 is off by 1e-3 / sqrt(2.4e-9) ~ 20.
+  wrong = lambda x, t: _oracle(sched, x0)(x, t) + 1e-3
+  first_x0 = lambda clip: ddim_sample(wrong, sched, x_T, jax.random.PRNGKey(6), 1, eta=0.0, return_x0=True,
+                                      spacing="trailing", clip_x0=clip)[1]
+  assert float(jnp.abs(first_x0(None) - x0).mean()) > 10
+  assert float(jnp.abs(first_x0((-1.0, 1.0))).max()) <= 1.0
 
 
 def test_v_weighting_turns_the_eps_loss_into_the_v_loss_until_the_cap():

@@ -32,12 +32,15 @@ def model():
 
 def test_swapping_in_the_own_token_reproduces_the_unswapped_sample_exactly(model):
   encdiff, state, images = model
-  grid = encdiff.swap_grid(state, None, images[:3], images[:3], jax.random.PRNGKey(3), steps=4, eta=1.0)
-  assert grid.shape == (encdiff.num_tokens + 1, 3, 16, 16, 3)
+  sets = ((),) + tuple((k,) for k in range(encdiff.num_tokens)) + ((0, 1),)
+  grid = encdiff.swap_grid(state, None, images[:3], images[:3], jax.random.PRNGKey(3), steps=4, eta=1.0,
+                           token_sets=sets)
+  assert grid.shape == (encdiff.num_tokens + 2, 3, 16, 16, 3)
   for row in grid[1:]:
     np.testing.assert_array_equal(np.asarray(row), np.asarray(grid[0]))
-  other = encdiff.swap_grid(state, None, images[:3], images[3:], jax.random.PRNGKey(3), steps=4, eta=1.0)
-  np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(grid[0]))  # row 0 never swaps
+  other = encdiff.swap_grid(state, None, images[:3], images[3:], jax.random.PRNGKey(3), steps=4, eta=1.0,
+                            token_sets=sets)
+  np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(grid[0]))  # the empty set never swaps
   changed = [float(jnp.abs(r - other[0]).max()) for r in other[1:]]
   assert max(changed) > 1e-5  # a swapped token changes the sample
 
@@ -80,9 +83,13 @@ def test_traversal_changes_only_through_the_traversed_token(model):
   n = encdiff.num_tokens
   src = encdiff.encode(state, images[:1])
   values = jnp.tile(src.T, (1, 3))  # every value = the image's own scalar: all cells equal
-  grid = encdiff.traversal_grid(state, None, images[0], values, jax.random.PRNGKey(5), steps=3, eta=0.0)
+  grid = encdiff.traversal_grid(state, None, images[0], values, jax.random.PRNGKey(5), steps=3, eta=0.0,
+                                tokens=tuple(range(n)))
   assert grid.shape == (n, 3, 16, 16, 3)
   np.testing.assert_allclose(np.asarray(grid), np.asarray(jnp.broadcast_to(grid[0, 0], grid.shape)), atol=1e-5)
+  moved = encdiff.traversal_grid(state, None, images[0], jnp.array([[-3.0, 0.0, 3.0]]), jax.random.PRNGKey(5),
+                                 steps=3, eta=0.0, tokens=(2,))
+  assert moved.shape == (1, 3, 16, 16, 3) and float(jnp.abs(moved[0, 0] - moved[0, 2]).max()) > 1e-5
 
 
 def test_ssim_and_overlay():
@@ -97,15 +104,31 @@ def test_ssim_and_overlay():
   assert over.shape == (16, 16, 3) and over[0, 0, 0] > over[15, 15, 0]  # 'jet': hot is red, cold is blue
 
 
-def test_token_labels_name_the_most_important_factor():
+def test_token_labels_say_what_a_token_encodes_and_what_its_swaps_change():
   evaluation = {"dci.importance_matrix": [[0.0, 0.9], [0.8, 0.1], [0.001, 0.0]], "factor_names": ["x", "y"]}
-  assert visualize.token_labels(3, evaluation) == ["token 0 -> y", "token 1 -> x", "token 2 (uninformative)"]
+  assert visualize.token_labels(3, evaluation) == ["token 0 encodes y (importance 0.90)",
+                                                   "token 1 encodes x (importance 0.80)", "token 2 (uninformative)"]
   assert visualize.token_labels(2, None) == ["token 0", "token 1"]
   # Without DCI (the quickstart scores FactorVAE and MIG only) MIG's I(code; factor) / H(factor) names them.
   mig_only = {"mig.normalized_mutual_info": [[0.7, 0.05], [0.02, 0.3]], "factor_names": ["x", "y"]}
-  assert visualize.token_labels(2, mig_only) == ["token 0 -> x", "token 1 -> y"]
+  assert visualize.token_labels(2, mig_only) == ["token 0 encodes x (I/H 0.70)", "token 1 encodes y (I/H 0.30)"]
   # DCI's importances win where both are there.
-  assert visualize.token_labels(2, {**mig_only, **evaluation})[:2] == ["token 0 -> y", "token 1 -> x"]
+  assert visualize.token_labels(2, {**mig_only, **evaluation})[0] == "token 0 encodes y (importance 0.90)"
+  # What a swap does outranks what the scalar encodes: token 0 encodes y but its swaps change x; token 1's swaps
+  # change nothing reliably.
+  record = {"factor_names": ["x", "y"], "generation.swap_tokens": [0, 1],
+            "generation.swap_matrix": [[0.93, 0.05], [0.1, 0.15]]}
+  assert visualize.token_labels(3, evaluation, record) == ["token 0 swaps x 93%", "token 1 swap changes nothing",
+                                                          "token 2 (uninformative)"]
+  assert visualize.shown_tokens(3, evaluation) == (0, 1)
+  assert visualize.shown_tokens(3, evaluation, all_tokens=True) == visualize.shown_tokens(3, None) == (0, 1, 2)
+
+
+def test_column_labels_wrap_under_their_token():
+  assert visualize._column_label("token 12 swaps floor_hue 93%") == "token 12\nswaps\nfloor_hue\n93%"
+  assert visualize._column_label("token 3 (uninformative)") == "token 3\nuninformative"
+  grid = visualize.image_grid([np.zeros((2, 8, 8, 3), np.uint8)], ["a"], col_labels=["token 1\nx", "token 2"])
+  assert grid.shape[0] > 8 + 2 * 2 + 20  # room for two header lines above the row
 
 
 def test_describe_factors_names_each_factors_token():

@@ -9,15 +9,20 @@ import jax
 import numpy as np
 
 from concept_diffusion.data.base import GroundTruthDataset
+from concept_diffusion.evaluation import generation
 from concept_diffusion.evaluation.encode import encode_dataset
-from concept_diffusion.evaluation.metrics import evaluate_codes
+from concept_diffusion.evaluation.factor_reader import reader_for
+from concept_diffusion.evaluation.metrics import evaluate_codes, normalized_mutual_info
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
-from concept_diffusion.workdir import (EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, token_factor_matrix,
-                                       write_json)
+from concept_diffusion.visualize import plot_swap_matrix
+from concept_diffusion.workdir import (EVAL_DIR, eval_path, eval_steps, exists, figure_path, load_npy, read_text,
+                                       token_factor_matrix, write_json)
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]
+# eval.metrics may name it beside the code metrics: the generation metrics (evaluation/generation.py).
+GENERATION = "generation"
 
 
 def encoder_of(model: EncDiff, state, batch_size: int) -> EncodeFn:
@@ -38,8 +43,8 @@ def evaluate_run(config, encode: EncodeFn, dataset: GroundTruthDataset, workdir:
   """
   codes_path = eval_path(workdir, "codes", step) if save_codes else None
   codes = encode(dataset, out_path=codes_path, progress=progress)
-  scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes,
-                                  metrics=tuple(metrics or config.eval.metrics), seed=config.eval.seed,
+  metrics = tuple(m for m in (metrics or config.eval.metrics) if m != GENERATION)
+  scores, extras = evaluate_codes(np.asarray(codes), dataset.factor_sizes, metrics=metrics, seed=config.eval.seed,
                                   metric_kwargs=metric_kwargs, return_extras=True)
   if extra_scores is not None:
     scores.update(extra_scores())
@@ -50,9 +55,101 @@ def evaluate_run(config, encode: EncodeFn, dataset: GroundTruthDataset, workdir:
 def evaluate_encdiff(config, model: EncDiff, state, dataset: GroundTruthDataset, workdir: str, step: int, *,
                      ae_params: Any = None, **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
   """`evaluate_run` of an EncDiff state, with the token-reliance diagnostic (eval.token_reliance_images; in a
-  latent space only when its first stage's `ae_params` are given)."""
-  return evaluate_run(config, encoder_of(model, state, config.eval.batch_size), dataset, workdir, step,
-                      extra_scores=lambda: reliance_scores(config, model, state, dataset, ae_params), **kwargs)
+  latent space only when its first stage's `ae_params` are given), then the generation metrics when the metrics
+  name them."""
+  wanted = tuple(kwargs.get("metrics") or config.eval.metrics)
+  scores, extras = {}, {"runtime_s": {}}
+  if any(m != GENERATION for m in wanted):
+    scores, extras = evaluate_run(config, encoder_of(model, state, config.eval.batch_size), dataset, workdir, step,
+                                  extra_scores=lambda: reliance_scores(config, model, state, dataset, ae_params),
+                                  **kwargs)
+  if GENERATION in wanted:
+    record = evaluate_generation(config, model, state, ae_params, dataset, workdir, step,
+                                 progress=kwargs.get("progress", True))
+    scores.update({k: v for k, v in record.items() if isinstance(v, float)})
+  return scores, extras
+
+
+def encdiff_generators(model: EncDiff, variables, ae_params: Any, *, steps: int, eta: float, seed: int,
+                       batch_size: int) -> tuple[generation.ReconstructFn, generation.SwapFn]:
+  """(reconstruct, swap) for the generation metrics: DDIM with the EMA UNet from one fixed noise per batch
+  position, so a swap differs from its reconstruction only through the swapped scalar. Batches are padded to
+  `batch_size` (one compilation)."""
+  encode, tokens = jax.jit(model.encode), jax.jit(model.tokens)
+  key = jax.random.PRNGKey(seed)
+
+  def padded(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), axis=0)]) if len(x) < batch_size else x
+
+  def scalars_of(images: np.ndarray) -> np.ndarray:
+    return np.array(encode(variables, padded(images)))
+
+  def sample(scalars: np.ndarray, n: int) -> np.ndarray:
+    out = model.sample_jit(variables, ae_params, tokens(variables, scalars), key, steps=steps, eta=eta)
+    return np.asarray(out)[:n]
+
+  def reconstruct(images: np.ndarray) -> np.ndarray:
+    return sample(scalars_of(images), len(images))
+
+  def swap(sources: np.ndarray, targets: np.ndarray, token: int) -> np.ndarray:
+    scalars = scalars_of(sources)
+    scalars[:, token] = scalars_of(targets)[:, token]
+    return sample(scalars, len(sources))
+
+  return reconstruct, swap
+
+
+def token_information(model: EncDiff, variables, dataset: GroundTruthDataset, workdir: str, step: int,
+                      num_images: int = 10_000, seed: int = 0) -> tuple[np.ndarray, str]:
+  """(num_tokens, num_factors) how much each scalar tells about each factor: the step's evaluation record
+  (`token_factor_matrix`) when it has one, else MIG's I/H on `num_images` freshly encoded images."""
+  path = eval_path(workdir, "metrics", step)
+  matrix, source = token_factor_matrix(json.loads(read_text(path)) if exists(path) else None)
+  if matrix is not None:
+    return matrix, source
+  factors, codes = dataset.sample_factors(num_images, np.random.default_rng(seed)), []
+  encode = jax.jit(model.encode)
+  for lo in range(0, num_images, 500):
+    codes.append(np.asarray(encode(variables, dataset.images_from_factors(factors[lo:lo + 500]))))
+  return normalized_mutual_info(np.concatenate(codes), factors), f"MIG's I/H on {num_images} images"
+
+
+def evaluate_generation(config, model: EncDiff, variables, ae_params: Any, dataset: GroundTruthDataset,
+                        workdir: str, step: int, *, num_images: int | None = None, steps: int | None = None,
+                        eta: float | None = None, tokens: Sequence[int] | None = None, progress: bool = True,
+                        write: bool = True) -> dict[str, Any]:
+  """The generation metrics of an EncDiff state (eval.generation_* and config.sample's DDIM settings unless
+  given), swapping the informative tokens (or `tokens`). Writes W/eval/generation_<step>.json, merges the headline
+  scores into W/eval/metrics_<step>.json and draws W/figures/swap_matrix.png (unless `write` is False)."""
+  ev = config.eval
+  if model.first_stage is not None and ae_params is None:
+    raise ValueError("generation metrics in a latent space need the first stage's parameters (ae_params).")
+  reader = reader_for(dataset, config.data, ev.generation_reader_dir, steps=ev.generation_reader_steps,
+                      seed=ev.seed, progress=progress)
+  if tokens is None:
+    info, _ = token_information(model, variables, dataset, workdir, step, seed=ev.seed)
+    tokens = generation.informative_tokens(info)
+  steps = steps or ev.generation_ddim_steps or config.sample.ddim_steps
+  eta = config.sample.eta if eta is None else eta
+  num_images = num_images or ev.generation_images
+  batch = min(num_images, ev.generation_batch_size)
+  reconstruct, swap = encdiff_generators(model, variables, ae_params, steps=steps, eta=eta, seed=ev.seed,
+                                         batch_size=batch)
+  record = generation.generation_metrics(reader, dataset, reconstruct, swap, tokens, num_images=num_images,
+                                         seed=ev.seed, batch_size=batch, progress=progress)
+  record.update({"step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names),
+                 "generation.ddim_steps": int(steps), "generation.eta": float(eta),
+                 "generation.clip_x0": bool(model.clip_x0), "generation.timestep_spacing": model.timestep_spacing})
+  if write:
+    write_json(eval_path(workdir, "generation", step), record, indent=2)
+    metrics_path = eval_path(workdir, "metrics", step)
+    merged = json.loads(read_text(metrics_path)) if exists(metrics_path) else {
+        "step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names)}
+    merged.update({k: v for k, v in record.items() if k.startswith("generation.")})
+    write_json(metrics_path, merged, indent=2)
+    plot_swap_matrix(record, figure_path(workdir, "swap_matrix.png"))
+  return record
 
 
 def evaluation_hook(snapshot) -> dict[str, float]:
@@ -151,9 +248,13 @@ def describe_factors(record: dict[str, Any]) -> str:
 
 
 def describe_step(workdir: str, step: int) -> str:
-  """`describe_factors` of the step's evaluation record ("" when there is none)."""
-  path = eval_path(workdir, "metrics", step)
-  return describe_factors(json.loads(read_text(path))) if exists(path) else ""
+  """`describe_factors` of the step's evaluation record, then its generation lines ("" when there is neither)."""
+  parts = []
+  for kind, describe in (("metrics", describe_factors), ("generation", generation.describe_generation)):
+    path = eval_path(workdir, kind, step)
+    if exists(path):
+      parts.append(describe(json.loads(read_text(path))))
+  return "\n".join(p for p in parts if p)
 
 
 def describe_hook(snapshot) -> str:

@@ -415,6 +415,13 @@ def _mig_gaps(table: CodeTable, random_state: np.random.RandomState, *, num_trai
   return np.divide(sorted_m[0, :] - sorted_m[1, :], entropy[:]), np.divide(m, entropy[None, :])
 
 
+def normalized_mutual_info(codes: np.ndarray, factors: np.ndarray, num_bins: int = 20) -> np.ndarray:
+  """(num_codes, num_factors) I(code; factor) / H(factor) with MIG's 20-bin discretiser, from paired samples
+  codes (n, num_codes) and factors (n, num_factors)."""
+  m = _discrete_mutual_info(_histogram_discretize(np.asarray(codes, np.float64).T, num_bins), np.asarray(factors).T)
+  return m / np.maximum(_discrete_entropy(np.asarray(factors).T), 1e-12)[None, :]
+
+
 def _mig_with_extras(table: CodeTable, random_state: np.random.RandomState,
                      **kwargs) -> tuple[dict[str, float], dict[str, Any]]:
   gaps, normalized_mi = _mig_gaps(table, random_state, **kwargs)

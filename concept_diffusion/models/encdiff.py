@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from concept_diffusion.diffusion import (Schedule, ddim_sample, ddim_timesteps, loss_weights, make_schedule, noise_loss,
+from concept_diffusion.diffusion import (Schedule, ddim_sample, loss_weights, make_schedule, noise_loss,
                                          q_sample, sample_timesteps)
 from concept_diffusion import hardware
 from concept_diffusion.models import autoencoder
@@ -108,6 +108,10 @@ class EncDiff:
   timestep_logit_std: float = 1.0
   loss_weighting: str = "none"  # none (official) | v: diffusion.loss_weighting
   loss_weight_max: float = 5.0
+  # Sampler settings (config.sample; diffusion/sampling.py says what each does near alpha_bar_T = 0).
+  clip_x0: bool = False
+  timestep_spacing: str = "leading"
+  min_alpha_bar: float = 0.0
 
   # -- parameters ------------------------------------------------------------------------------------------
   def init(self, rng: jax.Array) -> dict[str, Any]:
@@ -208,18 +212,24 @@ class EncDiff:
       latents, inter = self.denoise(unet_params, x_T, t0, tokens, capture_attention=True)
       return decode(latents), _mean_attention(inter, attention_side).reshape(batch, attention_side,
                                                                              attention_side, n)
+    sampler = dict(clip_x0=self.x0_range(), spacing=self.timestep_spacing, min_alpha_bar=self.min_alpha_bar)
     if attention_side is None:
       return decode(ddim_sample(lambda x, t: self.denoise(unet_params, x, t, tokens), self.schedule, x_T,
-                                sample_key, steps, eta))
+                                sample_key, steps, eta, **sampler))
 
     def eps_and_maps(x, t):
       eps, inter = self.denoise(unet_params, x, t, tokens, capture_attention=True)
       return eps, _mean_attention(inter, attention_side)
 
     aux = jnp.zeros((batch, attention_side ** 2, n), jnp.float32)
-    latents, maps = ddim_sample(eps_and_maps, self.schedule, x_T, sample_key, steps, eta, aux_init=aux)
-    maps = maps / len(ddim_timesteps(self.schedule.num_timesteps, steps))
+    latents, maps = ddim_sample(eps_and_maps, self.schedule, x_T, sample_key, steps, eta, aux_init=aux, **sampler)
+    maps = maps / steps  # the sampler visits exactly `steps` timesteps
     return decode(latents), maps.reshape(batch, attention_side, attention_side, n)
+
+  def x0_range(self) -> Optional[tuple[float, float]]:
+    """The range x0 estimates are clipped to while sampling: the pixels' [-1, 1] with clip_x0, else none (a
+    latent space has no fixed range; LDM does not clip there)."""
+    return (-1.0, 1.0) if self.clip_x0 else None
 
   def attention_sides(self) -> tuple[int, ...]:
     """Query-grid sides that have cross-attention layers, finest first (none when the conditioning keeps the
@@ -246,29 +256,30 @@ class EncDiff:
     return self.sample(v, ae_params, tokens, rng, steps=steps, eta=eta, attention_side=attention_side,
                        use_ema=use_ema)
 
-  @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "eta"))
-  def swap_grid(self, v, ae_params, sources: jax.Array, targets: jax.Array, rng: jax.Array, *, steps: int,
-                eta: float) -> jax.Array:
-    """(N + 1, B, H, W, C): row 0 samples each source from its own tokens; row k + 1 takes scalar k from the
-    target. Every row uses the same noise, so a row differs from row 0 only through its swapped token."""
+  @functools.partial(jax.jit, static_argnums=0, static_argnames=("token_sets", "steps", "eta"))
+  def swap_grid(self, v, ae_params, sources: jax.Array, targets: jax.Array, rng: jax.Array, *,
+                token_sets: tuple[tuple[int, ...], ...], steps: int, eta: float) -> jax.Array:
+    """(R, B, H, W, C): row r regenerates each source with the scalars in token_sets[r] taken from the matching
+    target (an empty set: from its own tokens). Every row uses the same noise, so rows differ only through their
+    swapped scalars."""
     src, tgt = self.encode(v, sources), self.encode(v, targets)
-    n = src.shape[1]
-    swapped = jnp.where(jnp.eye(n, dtype=bool)[:, None, :], tgt[None], src[None])  # (N, B, N)
-    tokens = jax.vmap(lambda s: self.tokens(v, s))(jnp.concatenate([src[None], swapped], axis=0))
+    masks = jnp.asarray([[k in ks for k in range(src.shape[1])] for ks in token_sets], bool)  # (R, N)
+    swapped = jnp.where(masks[:, None, :], tgt[None], src[None])  # (R, B, N)
+    tokens = jax.vmap(lambda s: self.tokens(v, s))(swapped)
     return jax.vmap(lambda tok: self.sample(v, ae_params, tok, rng, steps=steps, eta=eta))(tokens)
 
-  @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "eta"))
-  def traversal_grid(self, v, ae_params, source: jax.Array, values: jax.Array, rng: jax.Array, *, steps: int,
-                     eta: float) -> jax.Array:
-    """(N, V, H, W, C): scalar k of one source image set to values[k, v], the other scalars fixed; every cell
-    uses the same noise, so cells differ only through the traversed scalar."""
-    src = self.encode(v, source[None])
-    n, num_values = values.shape
-    scalars = jnp.where(jnp.eye(n, dtype=bool)[:, None, :], values[:, :, None],
-                        jnp.broadcast_to(src, (n, num_values, n)))  # (N, V, N)
-    tokens = self.tokens(v, scalars.reshape(n * num_values, n))
-    images = jax.vmap(lambda tok: self.sample(v, ae_params, tok[None], rng, steps=steps, eta=eta)[0])(tokens)
-    return images.reshape((n, num_values) + images.shape[1:])
+  @functools.partial(jax.jit, static_argnums=0, static_argnames=("tokens", "steps", "eta"))
+  def traversal_grid(self, v, ae_params, source: jax.Array, values: jax.Array, rng: jax.Array, *,
+                     tokens: tuple[int, ...], steps: int, eta: float) -> jax.Array:
+    """(len(tokens), V, H, W, C): scalar tokens[r] of one source image set to values[r, v], the other scalars
+    fixed; every cell uses the same noise, so cells differ only through the traversed scalar."""
+    src = self.encode(v, source[None])[0]
+    num_values = values.shape[1]
+    scalars = jnp.stack([jnp.broadcast_to(src, (num_values,) + src.shape).at[:, k].set(values[r])
+                         for r, k in enumerate(tokens)])  # (R, V, N)
+    toks = self.tokens(v, scalars.reshape(len(tokens) * num_values, -1))
+    images = jax.vmap(lambda tok: self.sample(v, ae_params, tok[None], rng, steps=steps, eta=eta)[0])(toks)
+    return images.reshape((len(tokens), num_values) + images.shape[1:])
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "eta"))
   def reconstruct(self, v, ae_params, images: jax.Array, rng: jax.Array, *, steps: int, eta: float) -> jax.Array:
@@ -313,7 +324,16 @@ def build_model(config: ml_collections.ConfigDict) -> EncDiff:
                  num_tokens=config.encoder.num_tokens, token_dim=config.encoder.token_dim, loss_kind=diff.loss,
                  one_shot=one_shot, timestep_sampling=diff.timestep_sampling,
                  timestep_logit_mean=diff.timestep_logit_mean, timestep_logit_std=diff.timestep_logit_std,
-                 loss_weighting=diff.get("loss_weighting", "none"), loss_weight_max=diff.get("loss_weight_max", 5.0))
+                 loss_weighting=diff.loss_weighting, loss_weight_max=diff.loss_weight_max,
+                 clip_x0=clips_x0(config), timestep_spacing=config.sample.timestep_spacing,
+                 min_alpha_bar=config.sample.min_alpha_bar)
+
+
+def clips_x0(config: ml_collections.ConfigDict) -> bool:
+  """sample.clip_x0 resolved: "auto" clips where the UNet works on pixels (first_stage.kind == "none")."""
+  if config.sample.clip_x0 == "auto":
+    return config.first_stage.kind == "none"
+  return config.sample.clip_x0 == "on"
 
 
 def as_uint8(images: jax.Array) -> jax.Array:

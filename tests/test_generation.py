@@ -1,0 +1,115 @@
+"""Generation metrics on a fake generator whose answers are known, and the factor reader on a small dataset."""
+import numpy as np
+import pytest
+
+from concept_diffusion.data.base import GroundTruthDataset
+from concept_diffusion.evaluation import factor_reader, generation
+from tiny_blocks import TinyBlocks
+
+
+class FactorPixels(GroundTruthDataset):
+  """Each image holds its own factor tuple in its pixels, so a reader can be exact."""
+  name = "factor_pixels"
+  factor_names = ("a", "b", "c")
+  factor_sizes = (3, 4, 5)
+  image_shape = (1, 1, 3)
+
+  def images(self, indices):
+    return self.index_to_factors(indices).astype(np.float32)[:, None, None, :]
+
+
+class ExactReader:
+  factor_sizes = FactorPixels.factor_sizes
+  accuracy = {"a": 1.0, "b": 1.0, "c": 1.0}
+
+  def read(self, images):
+    return np.rint(np.asarray(images)[:, 0, 0, :]).astype(np.int64)
+
+
+def _fake_generator():
+  """Reconstructs a, b exactly and c as no value at all; token 0 carries a, token 1 carries b and c together, token 2
+  nothing, token 3 carries a in every second image (by batch position)."""
+
+  def reconstruct(sources):
+    out = np.array(sources)
+    out[..., 2] = -1
+    return out
+
+  def swap(sources, targets, token):
+    out = reconstruct(sources)
+    if token == 0:
+      out[..., 0] = targets[..., 0]
+    elif token == 1:
+      out[..., 1:] = targets[..., 1:]
+    elif token == 3:
+      out[::2, ..., 0] = targets[::2, ..., 0]
+    return out
+
+  return reconstruct, swap
+
+
+def test_generation_metrics_of_a_known_generator():
+  dataset = FactorPixels()
+  reconstruct, swap = _fake_generator()
+  record = generation.generation_metrics(ExactReader(), dataset, reconstruct, swap, [0, 1, 2, 3], num_images=40,
+                                         batch_size=10, progress=False)
+  assert record["generation.reconstruction_accuracy.per_factor"] == {"a": 1.0, "b": 1.0, "c": 0.0}
+  np.testing.assert_allclose(record["generation.swap_matrix"], [[1, 0, 0], [0, 1, 1], [0, 0, 0], [0.5, 0, 0]])
+  # a: token 0 takes it every time and leaks nowhere; b and c: token 1 moves both, so each leaks fully.
+  assert record["generation.swap_score.per_factor"] == {"a": 1.0, "b": 0.0, "c": 0.0}
+  assert record["generation.swap_token.per_factor"] == {"a": 0, "b": 1, "c": 1}
+  assert record["generation.swap_leakage.per_factor"] == {"a": 0.0, "b": 1.0, "c": 1.0}
+  assert record["generation.swap_score"] == pytest.approx(1 / 3)
+  lines = generation.describe_generation({**record, "factor_names": list(dataset.factor_names)}).splitlines()
+  assert lines[1].split()[:8] == ["a", "reconstructed", "1.00", "swap", "token", "0", "moves", "it"]
+
+
+def test_swap_targets_differ_in_every_factor_that_can():
+  class WithConstant(FactorPixels):
+    factor_sizes = (3, 1, 5)
+  sources, targets = generation.swap_pairs(WithConstant(), 500, seed=1)
+  assert np.all(sources[:, [0, 2]] != targets[:, [0, 2]]) and np.all(targets[:, 1] == 0)
+  assert set(np.unique(targets[:, 2])) == set(range(5))  # every other value is drawn
+  again = generation.swap_pairs(WithConstant(), 500, seed=1)
+  np.testing.assert_array_equal(again[1], targets)
+
+
+def test_a_generator_that_ignores_its_tokens_scores_zero_swaps():
+  dataset = FactorPixels()
+  reconstruct, _ = _fake_generator()
+  record = generation.generation_metrics(ExactReader(), dataset, reconstruct, lambda s, t, k: reconstruct(s),
+                                         [0, 1], num_images=20, batch_size=20, progress=False)
+  assert np.max(record["generation.swap_matrix"]) == 0 and record["generation.swap_score"] == 0
+
+
+def test_informative_tokens_drop_those_far_below_the_best():
+  matrix = np.array([[0.9, 0.0], [0.0, 0.5], [0.01, 0.01], [0.0, 0.0]])
+  np.testing.assert_array_equal(generation.informative_tokens(matrix), [0, 1])
+
+
+def test_the_held_out_share_is_never_trained_on_and_spread_over_the_factors():
+  dataset = TinyBlocks()
+  rng = np.random.default_rng(0)
+  factors, _ = factor_reader._draw(dataset, 500, rng, want_held_out=False)
+  assert not factor_reader.held_out(dataset.factors_to_index(factors)).any()
+  held = factor_reader.held_out(np.arange(480_000))
+  assert 0.04 < held.mean() < 0.06
+  # Row-major order puts the last factor fastest; a hash, unlike index % 20, holds out every value of it.
+  assert len(np.unique(np.arange(480_000)[held] % 15)) == 15
+
+
+def test_reader_learns_a_dataset_and_is_cached_by_its_pixels(tmp_path, monkeypatch):
+  dataset = TinyBlocks()
+  data_config = {"name": "tiny_blocks", "image_size": 16, "channels": 3}
+  reader = factor_reader.reader_for(dataset, data_config, str(tmp_path), steps=300, batch_size=32, lr=3e-3,
+                                    num_held_out=64, progress=False)
+  assert min(reader.accuracy.values()) == 1.0, reader.accuracy
+  indices = np.arange(dataset.num_images)
+  np.testing.assert_array_equal(reader.read(dataset.images(indices)), dataset.index_to_factors(indices))
+  # The second call loads the cached reader; nothing is trained.
+  monkeypatch.setattr(factor_reader, "train_reader", lambda *a, **k: pytest.fail("trained again"))
+  cached = factor_reader.reader_for(dataset, data_config, str(tmp_path), steps=300)
+  assert cached.accuracy == reader.accuracy
+  np.testing.assert_array_equal(cached.read(dataset.images(indices)), reader.read(dataset.images(indices)))
+  # Other pixels (another image size) are another reader.
+  assert factor_reader.reader_key({**data_config, "image_size": 32}) != factor_reader.reader_key(data_config)
