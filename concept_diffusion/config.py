@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from concept_diffusion.diffusion import LOSS_WEIGHTINGS, SCHEDULES, SPACINGS, TIMESTEP_SAMPLINGS
+from concept_diffusion.diffusion import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, SPACINGS, TIMESTEP_SAMPLINGS
 from concept_diffusion.models import encdiff
 from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
 
@@ -161,6 +161,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # getting it wrong (diffusion/schedule.py loss_weights). Not in the paper; a lever for short runs.
   diff.loss_weighting = "none"
   diff.loss_weight_max = 5.0
+  # What the UNet predicts. eps: the noise (official, paper). v: sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022),
+  # whose x0 = sqrt(a) x_t - sqrt(1 - a) v stays well conditioned where alpha_bar -> 0; with eps, the x0 the
+  # sampler decodes at high noise is (x_t - sqrt(1 - a) eps) / sqrt(a), ~2e4 x the eps error at the cosine
+  # schedule's end, and the global colours settled there come out wrong (docs/generation.md). Not in the paper.
+  diff.prediction = "eps"
 
   train = config.train = ml_collections.ConfigDict()
   train.batch_size = 128  # paper: 64; official config and the reproduction reports: 128
@@ -222,7 +227,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.generation_images = 1_000
   ev.generation_batch_size = 100
   ev.generation_ddim_steps = 0  # 0 = sample.ddim_steps
-  ev.generation_reader_steps = 2_000
+  ev.generation_reader_steps = 800
   ev.generation_reader_dir = "~/.cache/concept_diffusion/readers"
 
   sample = config.sample = ml_collections.ConfigDict()
@@ -380,6 +385,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"encoder.kind must be a registered encoder, one of {sorted(encdiff.ENCODERS)}"),
       (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.diffusion.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}"),
       (config.sample.clip_x0 in ("auto", "on", "off"), "sample.clip_x0 must be 'auto', 'on' or 'off'"),
       (config.sample.timestep_spacing in SPACINGS, f"sample.timestep_spacing must be one of {SPACINGS}"),
       (config.sample.min_alpha_bar < 0.5, "sample.min_alpha_bar must be < 0.5 (a floor near alpha_bar_T, e.g. 1e-4)"),

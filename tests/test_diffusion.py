@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_diffusion.diffusion import (SCHEDULES, SPACINGS, ddim_sample, ddim_timesteps, ddpm_sample, last_timestep,
+from concept_diffusion.diffusion import (PREDICTIONS, SCHEDULES, SPACINGS, ddim_sample, ddim_timesteps, ddpm_sample, last_timestep,
                                          make_beta_schedule, noise_loss, q_sample, sample_timesteps,
                                          schedule_from_betas)
 
@@ -82,11 +82,12 @@ def test_ddim_timesteps_follow_ldm_uniform():
     ddim_timesteps(10, 11)
 
 
-def _oracle(sched, x0):
-  """The perfect noise predictor for a known x0."""
+def _oracle(sched, x0, prediction="eps"):
+  """The perfect noise (or v) predictor for a known x0."""
   def eps_fn(x, t):
     a = sched.take("alphas_cumprod", t)[:, None, None, None]
-    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    return eps if prediction == "eps" else jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0
   return eps_fn
 
 
@@ -103,7 +104,8 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
 
 @pytest.mark.parametrize("kind", SCHEDULES)
 @pytest.mark.parametrize("spacing", SPACINGS)
-def test_samplers_with_the_exact_eps_recover_x0(kind, spacing):
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_samplers_with_the_exact_eps_recover_x0(kind, spacing, prediction):
   """Given the exact eps, DDIM (eta 0) and DDPM (the respaced posterior) end at x0 for every schedule and chain
   length: the 'sqrt' schedule's alpha_bar_T = 3e-44 underflows float32, and the cosine one's 2.4e-9 amplifies
   every rounding error by 1/sqrt(alpha_bar_T) on the first steps."""
@@ -113,10 +115,11 @@ def test_samplers_with_the_exact_eps_recover_x0(kind, spacing):
   x_T = jax.random.normal(jax.random.PRNGKey(4), x0.shape)
   abar = sched.alphas_cumprod
   for steps in (25, 50, 200, 1000):
-    ddpm = ddpm_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(5), steps, spacing=spacing)
+    oracle = _oracle(sched, x0, prediction)
+    ddpm = ddpm_sample(oracle, sched, x_T, jax.random.PRNGKey(5), steps, spacing=spacing, prediction=prediction)
     np.testing.assert_allclose(np.asarray(ddpm), np.asarray(x0), atol=2e-3, err_msg=f"DDPM {steps} steps")
-    x, pred_x0 = ddim_sample(_oracle(sched, x0), sched, x_T, jax.random.PRNGKey(6), steps, eta=0.0,
-                             return_x0=True, spacing=spacing)
+    x, pred_x0 = ddim_sample(oracle, sched, x_T, jax.random.PRNGKey(6), steps, eta=0.0, return_x0=True,
+                             spacing=spacing, prediction=prediction)
     np.testing.assert_allclose(np.asarray(pred_x0), np.asarray(x0), atol=2e-3, err_msg=f"DDIM {steps} steps")
     # The last DDIM step lands on alpha_bar_0 (LDM), along the line from x0 through the initial noise.
     t_first = ddim_timesteps(T, steps, spacing)[-1]

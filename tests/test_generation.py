@@ -1,4 +1,7 @@
 """Generation metrics on a fake generator whose answers are known, and the factor reader on a small dataset."""
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
@@ -113,3 +116,45 @@ def test_reader_learns_a_dataset_and_is_cached_by_its_pixels(tmp_path, monkeypat
   np.testing.assert_array_equal(cached.read(dataset.images(indices)), reader.read(dataset.images(indices)))
   # Other pixels (another image size) are another reader.
   assert factor_reader.reader_key({**data_config, "image_size": 32}) != factor_reader.reader_key(data_config)
+
+
+@pytest.fixture(scope="module")
+def tiny_pixel_run(tmp_path_factory):
+  """A pixel-space smoke model trained for a few hundred steps on tiny_blocks with the cosine schedule over 1,000
+  timesteps (alpha_bar_T = 2.4e-9, where an unclipped eps sampler amplifies its errors ~2e4 times)."""
+  from concept_diffusion import api
+  from concept_diffusion.train import trainer
+  from configs import smoke
+  config = smoke.get_config()
+  config.data.name = "tiny_blocks"
+  config.stages = ("diffusion",)
+  config.first_stage.kind = "none"
+  config.diffusion.beta_schedule = "cosine"
+  config.diffusion.timesteps = 1000
+  config.diffusion.loss = "l2"
+  config.train.batch_size = 16
+  config.train.num_steps = 300
+  config.train.lr = 1e-3
+  config.train.ema_decay = 0.9
+  config.train.log_every = 100
+  config.train.checkpoint_every = 300
+  config.sample.final_figures = False
+  workdir = str(tmp_path_factory.mktemp("tiny_pixel_run"))
+  trainer.train(config, workdir)
+  return api.load_run(workdir)
+
+
+def test_reconstructions_do_not_get_worse_with_more_steps(tiny_pixel_run):
+  run = tiny_pixel_run
+  assert run.model.clip_x0  # sample.clip_x0 "auto" clips in pixel space
+  images = run.dataset.images(np.arange(0, 60, 5))
+  mse = lambda x: float(np.mean((np.clip(x, -1, 1) - images) ** 2))
+  for eta in (0.0, 1.0):
+    few, many = (mse(run.reconstruct(images, steps=s, eta=eta)) for s in (10, 200))
+    assert many <= 1.1 * few + 0.01, (eta, few, many)
+  # Unclipped, the same model drifts with more steps (what sample.clip_x0 "auto" prevents in pixel space).
+  plain = dataclasses.replace(run.model, clip_x0=False)
+  tokens = run.tokens(run.encode(images))
+  unclipped = mse(np.asarray(plain.sample_jit(run.variables, None, tokens, jax.random.PRNGKey(0), steps=200,
+                                              eta=0.0)))
+  assert mse(run.reconstruct(images, steps=200, eta=0.0)) <= unclipped + 1e-4

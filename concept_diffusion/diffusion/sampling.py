@@ -1,7 +1,8 @@
 """DDPM ancestral and DDIM samplers, each one compiled `lax` loop.
 
-`eps_fn(x_t, t) -> eps` is any closure over the denoiser (tokens, EMA parameters, ...), so the samplers
-know nothing about the model.
+`eps_fn(x_t, t) -> prediction` is any closure over the denoiser (tokens, EMA parameters, ...), so the samplers
+know nothing about the model. The prediction is eps (official) or, with `prediction="v"`, v = sqrt(a) eps -
+sqrt(1 - a) x0 (Salimans & Ho 2022), from which x0 = sqrt(a) x - sqrt(1 - a) v needs no division by sqrt(a).
 
 Three things decide whether a sampler is stable where the schedule ends near alpha_bar = 0 (the cosine schedule
 with betas clipped at 0.999 ends at alpha_bar_T = 2.4e-9): there x0 = (x - sqrt(1 - a) eps) / sqrt(a) multiplies
@@ -25,6 +26,7 @@ from concept_diffusion.diffusion.schedule import Schedule
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 SPACINGS = ("leading", "trailing")
+PREDICTIONS = ("eps", "v")
 ClipRange = Optional[tuple[float, float]]
 
 
@@ -57,9 +59,15 @@ def _chain(schedule: Schedule, steps: int, spacing: str, min_alpha_bar: float) -
   return ddim_timesteps(last_timestep(schedule, min_alpha_bar) + 1, steps, spacing)
 
 
-def _x0_and_eps(x, eps, sqrt_a, sqrt_1ma, clip_x0: ClipRange):
-  """x0 from eps; with `clip_x0`, x0 clipped to the range and eps made consistent with it again."""
-  x0 = (x - sqrt_1ma * eps) / sqrt_a
+def _x0_and_eps(x, out, sqrt_a, sqrt_1ma, clip_x0: ClipRange, prediction: str):
+  """(x0, eps) from the denoiser's output; with `clip_x0`, x0 clipped to the range and eps made consistent with it
+  again."""
+  if prediction == "v":
+    x0, eps = sqrt_a * x - sqrt_1ma * out, sqrt_1ma * x + sqrt_a * out
+  elif prediction == "eps":
+    x0, eps = (x - sqrt_1ma * out) / sqrt_a, out
+  else:
+    raise ValueError(f"Unknown prediction {prediction!r}; choose one of {PREDICTIONS}.")
   if clip_x0 is None:
     return x0, eps
   x0 = jnp.clip(x0, *clip_x0)
@@ -74,7 +82,7 @@ def _device_consts(*columns: np.ndarray) -> tuple[jax.Array, ...]:
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, steps: int,
                 eta: float = 1.0, return_x0: bool = False, aux_init: Any = None, *, clip_x0: ClipRange = None,
-                spacing: str = "leading", min_alpha_bar: float = 0.0) -> Any:
+                spacing: str = "leading", min_alpha_bar: float = 0.0, prediction: str = "eps") -> Any:
   """DDIM from x_T. sigma_t = eta * sqrt((1 - a_prev)/(1 - a) * (1 - a/a_prev)), as LDM's DDIMSampler; eta = 1 is
   the DDPM posterior of the shortened chain, eta = 0 deterministic. The last step goes to alpha_bar_0, as LDM.
 
@@ -101,7 +109,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
       aux_sum = jax.tree_util.tree_map(jnp.add, aux_sum, aux)
     else:
       eps = eps_fn(x, t)
-    x0, eps = _x0_and_eps(x, eps, sqrt_a, sqrt_1ma, clip_x0)
+    x0, eps = _x0_and_eps(x, eps, sqrt_a, sqrt_1ma, clip_x0, prediction)
     x = sqrt_ap * x0 + dir_coef * eps + s_t * jax.random.normal(sub, x.shape, x.dtype)
     return x, x0, key, aux_sum
 
@@ -113,7 +121,8 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
 
 
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Array, steps: Optional[int] = None, *,
-                clip_x0: ClipRange = None, spacing: str = "leading", min_alpha_bar: float = 0.0) -> jax.Array:
+                clip_x0: ClipRange = None, spacing: str = "leading", min_alpha_bar: float = 0.0,
+                prediction: str = "eps") -> jax.Array:
   """Ancestral sampling with the posterior variance (LDM `p_sample`; `clip_x0` is its `clip_denoised`).
 
   `steps` < T samples the respaced chain of those timesteps (improved DDPM's respacing: betas 1 - a_t / a_prev
@@ -136,7 +145,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
     key, sub = jax.random.split(key)
     sqrt_a, sqrt_1ma, coef_x0, coef_x, std = (c[i] for c in consts)
     t = jnp.full((x.shape[0],), ts_rev[i], jnp.int32)
-    x0, _ = _x0_and_eps(x, eps_fn(x, t), sqrt_a, sqrt_1ma, clip_x0)
+    x0, _ = _x0_and_eps(x, eps_fn(x, t), sqrt_a, sqrt_1ma, clip_x0, prediction)
     noise = jax.random.normal(sub, x.shape, x.dtype) * (i < num - 1)
     return coef_x0 * x0 + coef_x * x + std * noise, key
 

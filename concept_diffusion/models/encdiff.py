@@ -108,6 +108,7 @@ class EncDiff:
   timestep_logit_std: float = 1.0
   loss_weighting: str = "none"  # none (official) | v: diffusion.loss_weighting
   loss_weight_max: float = 5.0
+  prediction: str = "eps"  # what the UNet predicts: eps (official) | v (diffusion.prediction)
   # Sampler settings (config.sample; diffusion/sampling.py says what each does near alpha_bar_T = 0).
   clip_x0: bool = False
   timestep_spacing: str = "leading"
@@ -173,11 +174,18 @@ class EncDiff:
 
   # -- training ----------------------------------------------------------------------------------------------
   def denoiser_inputs(self, latents: jax.Array, t: jax.Array, noise: jax.Array) -> tuple[jax.Array, ...]:
-    """(t, x_t, target): x_t = q_sample and the noise as target; in the one-shot ablation the UNet decodes the
-    tokens at once (t = 0, x_t unused: it has its learned input) and its target is the latent itself."""
+    """(t, x_t, target): x_t = q_sample and the noise (or, with prediction "v", v = sqrt(a) noise - sqrt(1 - a)
+    latents) as target; in the one-shot ablation the UNet decodes the tokens at once (t = 0, x_t unused: it has
+    its learned input) and its target is the latent itself."""
     if self.one_shot:
       return jnp.zeros_like(t), jnp.zeros_like(latents), latents
-    return t, q_sample(self.schedule, latents, t, noise), noise
+    x_t = q_sample(self.schedule, latents, t, noise)
+    if self.prediction == "v":
+      shape = t.shape + (1,) * (latents.ndim - 1)
+      sqrt_a = self.schedule.take("sqrt_alphas_cumprod", t).reshape(shape)
+      sqrt_1ma = self.schedule.take("sqrt_one_minus_alphas_cumprod", t).reshape(shape)
+      return t, x_t, sqrt_a * noise - sqrt_1ma * latents
+    return t, x_t, noise
 
   def loss(self, params: Any, batch_stats: Any, images: jax.Array, latents: jax.Array,
            rng: jax.Array) -> tuple[jax.Array, Any]:
@@ -212,7 +220,8 @@ class EncDiff:
       latents, inter = self.denoise(unet_params, x_T, t0, tokens, capture_attention=True)
       return decode(latents), _mean_attention(inter, attention_side).reshape(batch, attention_side,
                                                                              attention_side, n)
-    sampler = dict(clip_x0=self.x0_range(), spacing=self.timestep_spacing, min_alpha_bar=self.min_alpha_bar)
+    sampler = dict(clip_x0=self.x0_range(), spacing=self.timestep_spacing, min_alpha_bar=self.min_alpha_bar,
+                   prediction=self.prediction)
     if attention_side is None:
       return decode(ddim_sample(lambda x, t: self.denoise(unet_params, x, t, tokens), self.schedule, x_T,
                                 sample_key, steps, eta, **sampler))
@@ -324,7 +333,7 @@ def build_model(config: ml_collections.ConfigDict) -> EncDiff:
                  num_tokens=config.encoder.num_tokens, token_dim=config.encoder.token_dim, loss_kind=diff.loss,
                  one_shot=one_shot, timestep_sampling=diff.timestep_sampling,
                  timestep_logit_mean=diff.timestep_logit_mean, timestep_logit_std=diff.timestep_logit_std,
-                 loss_weighting=diff.loss_weighting, loss_weight_max=diff.loss_weight_max,
+                 loss_weighting=diff.loss_weighting, loss_weight_max=diff.loss_weight_max, prediction=diff.prediction,
                  clip_x0=clips_x0(config), timestep_spacing=config.sample.timestep_spacing,
                  min_alpha_bar=config.sample.min_alpha_bar)
 
