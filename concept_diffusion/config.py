@@ -227,6 +227,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.generation_images = 1_000
   ev.generation_batch_size = 100
   ev.generation_ddim_steps = 0  # 0 = sample.ddim_steps
+  # Which tokens are swapped: informative (every token that carries some factor, the full swap matrix) |
+  # per_factor (only the token that carries each factor most: one row per factor, cheaper) | all.
+  ev.generation_tokens = "informative"
   ev.generation_reader_steps = 800
   ev.generation_reader_dir = "~/.cache/concept_diffusion/readers"
 
@@ -309,7 +312,8 @@ NUMERIC_DOMAINS = (
       "train.grad_clip_norm", "first_stage.beta",
       "first_stage.kl_weight", "first_stage.pixel_weight", "first_stage.perceptual_weight",
       "first_stage.codebook_weight", "first_stage.disc_start", "first_stage.disc_weight", "first_stage.disc_factor",
-      "diffusion.cosine_s", "sample.eta", "sample.min_alpha_bar", "eval.generation_ddim_steps", "eval.every", "eval.seed", "train.figure_every", "data.loader_threads",
+      "diffusion.cosine_s", "sample.eta", "sample.min_alpha_bar", "eval.generation_ddim_steps", "eval.every",
+      "eval.seed", "train.figure_every", "data.loader_threads",
       "data.prefetch_batches", "mesh.fsdp_min_size", "first_stage.disc_layers"),
      _non_negative, ">= 0 (train.num_steps=0 scores the untrained model; eval.every/train.figure_every=0: off)"),
     (("train.log_every", "train.checkpoint_every", "first_stage.log_every", "first_stage.checkpoint_every",
@@ -385,6 +389,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"encoder.kind must be a registered encoder, one of {sorted(encdiff.ENCODERS)}"),
       (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.eval.generation_tokens in ("informative", "per_factor", "all"),
+       "eval.generation_tokens must be 'informative', 'per_factor' or 'all'"),
       (config.diffusion.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}"),
       (config.sample.clip_x0 in ("auto", "on", "off"), "sample.clip_x0 must be 'auto', 'on' or 'off'"),
       (config.sample.timestep_spacing in SPACINGS, f"sample.timestep_spacing must be one of {SPACINGS}"),

@@ -158,3 +158,13 @@ def test_reconstructions_do_not_get_worse_with_more_steps(tiny_pixel_run):
   unclipped = mse(np.asarray(plain.sample_jit(run.variables, None, tokens, jax.random.PRNGKey(0), steps=200,
                                               eta=0.0)))
   assert mse(run.reconstruct(images, steps=200, eta=0.0)) <= unclipped + 1e-4
+
+
+def test_tokens_to_swap():
+  matrix = np.array([[0.9, 0.0, 0.2], [0.0, 0.5, 0.0], [0.01, 0.01, 0.0], [0.3, 0.0, 0.6]])
+  np.testing.assert_array_equal(generation.tokens_to_swap(matrix, "informative"), [0, 1, 3])
+  np.testing.assert_array_equal(generation.tokens_to_swap(matrix, "per_factor"), [0, 1, 3])
+  np.testing.assert_array_equal(generation.tokens_to_swap(matrix[:3], "per_factor"), [0, 1])
+  np.testing.assert_array_equal(generation.tokens_to_swap(matrix, "all"), [0, 1, 2, 3])
+  with pytest.raises(ValueError, match="per_factor"):
+    generation.tokens_to_swap(matrix, "best")

@@ -120,7 +120,7 @@ def evaluate_generation(config, model: EncDiff, variables, ae_params: Any, datas
                         eta: float | None = None, tokens: Sequence[int] | None = None, progress: bool = True,
                         write: bool = True) -> dict[str, Any]:
   """The generation metrics of an EncDiff state (eval.generation_* and config.sample's DDIM settings unless
-  given), swapping the informative tokens (or `tokens`). Writes W/eval/generation_<step>.json, merges the headline
+  given), swapping eval.generation_tokens (or `tokens`). Writes W/eval/generation_<step>.json, merges the headline
   scores into W/eval/metrics_<step>.json and draws W/figures/swap_matrix.png (unless `write` is False)."""
   ev = config.eval
   if model.first_stage is not None and ae_params is None:
@@ -129,7 +129,7 @@ def evaluate_generation(config, model: EncDiff, variables, ae_params: Any, datas
                       seed=ev.seed, progress=progress)
   if tokens is None:
     info, _ = token_information(model, variables, dataset, workdir, step, seed=ev.seed)
-    tokens = generation.informative_tokens(info)
+    tokens = generation.tokens_to_swap(info, ev.generation_tokens)
   steps = steps or ev.generation_ddim_steps or config.sample.ddim_steps
   eta = config.sample.eta if eta is None else eta
   num_images = num_images or ev.generation_images

@@ -36,6 +36,18 @@ def informative_tokens(matrix: np.ndarray) -> np.ndarray:
   return np.flatnonzero(total >= UNINFORMATIVE_SHARE * max(total.max(), 1e-12))
 
 
+def tokens_to_swap(matrix: np.ndarray, which: str) -> np.ndarray:
+  """The tokens the generation metrics swap, from a (num_tokens, num_factors) information matrix: "informative",
+  "per_factor" (the token that carries each factor most, each once) or "all"."""
+  if which == "all":
+    return np.arange(matrix.shape[0])
+  if which == "per_factor":
+    return np.unique(np.asarray(matrix).argmax(axis=0))
+  if which == "informative":
+    return informative_tokens(matrix)
+  raise ValueError(f"unknown token choice {which!r}; choose 'informative', 'per_factor' or 'all'.")
+
+
 def swap_pairs(dataset: GroundTruthDataset, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """(source factors, target factors), (num, num_factors) each: targets differ from sources in every factor that
   has more than one value (a factor with one value cannot change)."""
