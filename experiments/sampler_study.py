@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from concept_diffusion import api
 from concept_diffusion.evaluation.factor_reader import reader_for
@@ -24,6 +24,7 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "Images reconstructed per s
 _STEPS = flags.DEFINE_list("steps", ["25", "50", "200"], "DDIM step counts.")
 _ETAS = flags.DEFINE_list("etas", ["0", "1"], "DDIM etas.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+_READER_DIR = flags.DEFINE_string("reader_dir", None, "Factor reader cache (default: eval.generation_reader_dir).")
 flags.mark_flags_as_required(["workdir"])
 
 # name -> EncDiff sampler fields (models/encdiff.py): the three fixes for alpha_bar_T ~ 0, alone and together.
@@ -38,11 +39,12 @@ VARIANTS = {
 
 def _main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   run = api.load_run(_WORKDIR.value)
   dataset = run.dataset
   factors = dataset.sample_factors(_NUM_IMAGES.value, np.random.default_rng(run.config.eval.seed))
   images = dataset.images_from_factors(factors)
-  reader = reader_for(dataset, run.config.data, run.config.eval.generation_reader_dir,
+  reader = reader_for(dataset, run.config.data, _READER_DIR.value or run.config.eval.generation_reader_dir,
                       steps=run.config.eval.generation_reader_steps)
   tokens = run.tokens(run.encode(images))
   rows = []

@@ -117,9 +117,12 @@ def test_token_labels_say_what_a_token_encodes_and_what_its_swaps_change():
   # What a swap does outranks what the scalar encodes: token 0 encodes y but its swaps change x; token 1's swaps
   # change nothing reliably.
   record = {"factor_names": ["x", "y"], "generation.swap_tokens": [0, 1],
-            "generation.swap_matrix": [[0.93, 0.05], [0.1, 0.15]]}
+            "generation.swap_matrix": [[0.93, 0.05], [0.1, 0.15]], "generation.factor_sizes": [10, 10]}
   assert visualize.token_labels(3, evaluation, record) == ["token 0 swaps x 93%", "token 1 swap changes nothing",
                                                           "token 2 (uninformative)"]
+  # 30% of swaps showing the target's value of a 4-valued factor is what a random generator does: not labelled.
+  coin = {**record, "generation.swap_matrix": [[0.93, 0.05], [0.1, 0.3]], "generation.factor_sizes": [10, 4]}
+  assert visualize.token_labels(2, evaluation, coin)[1] == "token 1 swap changes nothing"
   assert visualize.shown_tokens(3, evaluation) == (0, 1)
   assert visualize.shown_tokens(3, evaluation, all_tokens=True) == visualize.shown_tokens(3, None) == (0, 1, 2)
 

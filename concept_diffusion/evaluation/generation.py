@@ -108,6 +108,7 @@ def generation_metrics(reader: FactorReader, dataset: GroundTruthDataset, recons
       "generation.swap_tokens": tokens,
       "generation.swap_matrix": matrix.tolist(),
       "generation.num_images": int(num_images),
+      "generation.factor_sizes": [int(v) for v in dataset.factor_sizes],
       "generation.seed": int(seed),
       "generation.reader_accuracy": dict(reader.accuracy),
   }
@@ -124,15 +125,20 @@ def generation_metrics(reader: FactorReader, dataset: GroundTruthDataset, recons
 
 def swap_factor_labels(record: Optional[dict[str, Any]], num_tokens: int, min_take: float = 0.2
                        ) -> dict[int, str]:
-  """token -> the factor its swaps really change (the largest take-rate in its row of the swap matrix, when at
-  least `min_take`), from a generation record; {} without one."""
+  """token -> the factor its swaps really change: the largest take-rate in its row of the swap matrix beyond what
+  chance gives (at least `min_take` and twice 1 / factor size: a generator that draws a 4-valued factor at random
+  shows the target's value in a quarter of the swaps), from a generation record; {} without one."""
   if not record or "generation.swap_matrix" not in record:
     return {}
   matrix, names = np.asarray(record["generation.swap_matrix"]), record.get("factor_names") or []
+  if not matrix.size:
+    return {}
+  sizes = np.asarray(record.get("generation.factor_sizes") or [np.inf] * matrix.shape[1], np.float64)
+  beyond_chance = np.where(matrix >= np.maximum(min_take, 2.0 / sizes), matrix, -1.0)
   labels = {}
   for row, k in enumerate(record["generation.swap_tokens"]):
-    if k < num_tokens and matrix.shape[1] and matrix[row].max() >= min_take:
-      f = int(matrix[row].argmax())
+    if k < num_tokens and beyond_chance[row].max() >= 0:
+      f = int(beyond_chance[row].argmax())
       labels[k] = f"{names[f] if f < len(names) else f'factor {f}'} {matrix[row, f]:.0%}"
   return labels
 
