@@ -14,6 +14,7 @@ from absl import flags, logging
 from concept_diffusion import api, data
 from concept_diffusion.baselines import trainer as baseline_trainer
 from concept_diffusion.evaluation import evaluate
+from concept_diffusion.evaluation import generation as generation_lib
 from concept_diffusion.tools import cli
 from concept_diffusion.workdir import load_config
 
@@ -59,7 +60,7 @@ def _main(argv):
       record = evaluate.evaluate_generation(
           config, run.model, run.variables, run.ae_params, dataset, workdir, step, num_images=_NUM_IMAGES.value,
           steps=_DDIM_STEPS.value, eta=_ETA.value, tokens=[int(k) for k in _TOKENS.value] if _TOKENS.value else None)
-      scores = {k: v for k, v in record.items() if isinstance(v, float)}
+      scores = generation_lib.headline_scores(record)
     else:
       scores, extras = evaluate.evaluate_encdiff(config, run.model, run.variables, dataset, workdir, step,
                                                  metrics=_METRICS.value, ae_params=run.ae_params)

@@ -66,7 +66,7 @@ def evaluate_encdiff(config, model: EncDiff, state, dataset: GroundTruthDataset,
   if GENERATION in wanted:
     record = evaluate_generation(config, model, state, ae_params, dataset, workdir, step,
                                  progress=kwargs.get("progress", True))
-    scores.update({k: v for k, v in record.items() if isinstance(v, float)})
+    scores.update(generation.headline_scores(record))
   return scores, extras
 
 

@@ -30,6 +30,11 @@ ReconstructFn = Callable[[np.ndarray], np.ndarray]
 SwapFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
+def headline_scores(record: dict[str, Any]) -> dict[str, float]:
+  """The record's scores that sit beside FactorVAE, DCI and MIG in a score table (means over factors)."""
+  return {k: float(record[k]) for k in ("generation.reconstruction_accuracy", "generation.swap_score") if k in record}
+
+
 def informative_tokens(matrix: np.ndarray) -> np.ndarray:
   """Indices of the tokens (rows of a (num_tokens, num_factors) information matrix) that are not uninformative."""
   total = np.asarray(matrix, np.float64).sum(axis=1)
