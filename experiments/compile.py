@@ -15,12 +15,13 @@ import os
 # backend (and find no TPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import datetime  # noqa: E402
 import sys  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from concept_diffusion.tools import aot_compile, cli, tpu_topology  # noqa: E402
+from concept_diffusion.tools import aot_compile, cli, tpu_estimates, tpu_topology  # noqa: E402
 from concept_diffusion.workdir import write_json  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config: a name in configs/ or a .py file.",
@@ -33,6 +34,13 @@ _BATCH_SIZE = flags.DEFINE_list("batch_size", None, "Global batch size(s) of the
 _FUNCTIONS = flags.DEFINE_list("functions", None, "Only these functions (first_stage_train_step, "
                                "diffusion_train_step, encode, ddim_sampler_<steps>); default all.")
 _JSON = flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
+_SAVE_ESTIMATES = flags.DEFINE_string(
+    "save_estimates", None, "Merge one row per function into this estimates file (the packaged one, "
+    "concept_diffusion/tools/tpu_estimates.json, is what encdiff-device-check plans and compares with).")
+# The command as typed, for the estimates file (cli.run resolves --config names to paths), less the flags that
+# only say where the output goes.
+_COMMAND = " ".join(["encdiff-compile"] + [a for a in sys.argv[1:]
+                                           if not a.startswith(("--json=", "--save_estimates="))])
 flags.mark_flags_as_required(["config"])
 
 
@@ -65,6 +73,10 @@ def _main(argv):
   if _JSON.value:
     write_json(_JSON.value, {"reports": reports}, indent=2)
     print(f"wrote {_JSON.value}")
+  if _SAVE_ESTIMATES.value:
+    rows = tpu_estimates.rows_from_reports(reports, _COMMAND, datetime.date.today().isoformat())
+    tpu_estimates.merge(_SAVE_ESTIMATES.value, rows)
+    print(f"merged {len(rows)} row(s) into {_SAVE_ESTIMATES.value}")
   failed = [f"{r['topology']} batch {r['batch_size']}: {f['function']}" for r in reports for f in r["functions"]
             if not f["ok"]]
   if failed:

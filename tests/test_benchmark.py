@@ -303,12 +303,18 @@ _COLLECTIVES_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
   ROOT %all-gather = f32[16,16]{1,0} all-gather(%g), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
 }
 
+%gather.continued (g.1: f32[4,16]) -> f32[16,16] {
+  %g.1 = f32[4,16]{1,0} parameter(0)
+  ROOT %all-gather.1 = f32[16,16]{1,0} all-gather(%g.1), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+}
+
 ENTRY %main (a: f32[4,16], b: bf16[16,16], s: f32[2], v: f32[3]) -> f32[16,16] {
   %a = f32[4,16]{1,0} parameter(0)
   %b = bf16[16,16]{1,0} parameter(1)
   %s = f32[2]{0} parameter(2)
   %v = f32[3]{0} parameter(3)
   %gathered = f32[16,16]{1,0} fusion(%a), kind=kCustom, calls=%gather
+  %gathered.1 = f32[16,16]{1,0} fusion(%a), kind=kCustom, calls=%gather.continued
   %reduce-scatter = bf16[4,16]{1,0} reduce-scatter(%b), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}, to_apply=%add
   %all-reduce = (f32[2]{0}, f32[3]{0}) all-reduce(%s, %v), channel_id=4, to_apply=%add
   %ar-start = f32[3]{0} all-reduce-start(%v), channel_id=5, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
@@ -326,7 +332,8 @@ ENTRY %main (a: f32[4,16], b: bf16[16,16], s: f32[2], v: f32[3]) -> f32[16,16] {
 def test_collective_wire_bytes_are_read_from_the_hlo_with_each_group_size():
   counted = collectives.collective_bytes(_COLLECTIVES_HLO)
   assert counted["by_kind"] == {
-      # the gathered result (4 x 256 B over an iota group of 4) x 3/4, inside a called computation
+      # the gathered result (4 x 256 B over an iota group of 4) x 3/4, inside a called computation; its clone in
+      # a second fusion (the same channel_id: the TPU compiler's async decomposition) is the same collective
       "all-gather": 3 * 1024 // 4,
       # the bf16 operand x 3/4: the mesh form's group is axis_1, 4 devices
       "reduce-scatter": 3 * 512 // 4,
@@ -363,6 +370,10 @@ def test_minimum_wire_bytes_for_data_parallel_and_gather_once_fsdp():
   # all-reduced over all 8 (2 x 7/8 x 40).
   assert collectives.min_collective_bytes(trainable, fsdp_specs, (4, 2), frozen, frozen_specs) == {
       "all-gather": 64 + 256, "reduce-scatter": 64, "all-reduce": 96 + 70, "total": 550}
+  # XLA:CPU has no reduce-scatter: the sharded gradient is all-reduced whole over all 8 (2 x 7/8 x 128) and sliced.
+  assert collectives.min_collective_bytes(trainable, fsdp_specs, (4, 2), frozen, frozen_specs,
+                                          has_reduce_scatter=False) == {
+      "all-gather": 64 + 256, "reduce-scatter": 0, "all-reduce": 224 + 70, "total": 614}
   # (1, 8): no data axis to all-reduce the shards over.
   assert collectives.min_collective_bytes(trainable, fsdp_specs, (1, 8), frozen, frozen_specs)["total"] == (
       112 + 448 + 112 + 70)

@@ -6,7 +6,8 @@ What `encdiff-lower` stops short of: the TPU compiler itself (libtpu) compiles e
 `auto` kernels -> XLA's). Per function the report has:
 
   * whether the compiler accepted it (or its first error line), and the compile seconds on this host;
-  * XLA's memory plan per device (arguments, outputs, aliasing, temporaries, peak) against the chip's HBM;
+  * XLA's memory plan per device (arguments, outputs, aliasing, temporaries, peak) against the chip's nominal HBM
+    (the runtime keeps a little of it for itself);
   * the compiler's cost analysis per device: FLOPs, bytes accessed, `optimal_seconds` (the TPU cost model's time);
   * the collectives of the compiled HLO in wire bytes per device by kind (tools/collectives.py), and for the
     diffusion step the least a step on the mesh must send;
@@ -88,7 +89,11 @@ def compile_target(target: lower.Target, chip: tpu_topology.Chip, peak_flops: fl
   if compiled is None:
     return entry
   memory = perf.compiled_memory(compiled) or {}
-  per_device = memory.get("peak_bytes") or memory.get("total_bytes")
+  # The larger of the buffer assignment's peak and arguments + outputs - aliased + temporaries: on TPU either can
+  # be the larger (the peak leaves out some temporaries, temp_size_in_bytes is 0 for others), and "fits" must not
+  # be flattered.
+  sizes = [v for v in (memory.get("peak_bytes"), memory.get("total_bytes")) if v]
+  per_device = max(sizes) if sizes else None
   cost = _cost(compiled)
   comm = collectives.collective_bytes(compiled.as_text())
   entry.update(

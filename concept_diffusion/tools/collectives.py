@@ -12,11 +12,15 @@ devices sends them, for a buffer of S bytes (the whole array the group combines 
 n is read from the instruction's `replica_groups` (an explicit list, the iota form `[groups,n]<=[...]`, or the
 mesh form `mesh[...] {'axis_i',...}` of newer XLA); none, or `{}`, is every device of the module
 (`num_partitions`). Tuple-shaped (combined) collectives count every operand. Asynchronous pairs count once (the
-`*-start`, which carries the operands and groups; the `*-done` not at all); a collective inside a computation
+`*-start`, which carries the operands and groups; the `*-done` not at all), and so do the clones of one
+collective that share its `channel_id` (the TPU compiler repeats an asynchronous collective in each fusion of its
+decomposition); a collective inside a computation
 that runs several times counts that many times: a `while` body times its trip count (XLA's `known_trip_count`; a
 loop without one counts once and is reported in `unknown_trip_counts`), a called computation (a fusion, the TPU
 compiler's async collective wrappers) as often as its callers run. XLA:CPU has no reduce-scatter and emits an
-all-reduce followed by a slice: on the wire that costs what an all-reduce costs, twice a reduce-scatter.
+all-reduce followed by a slice: on the wire that costs what an all-reduce costs, twice a reduce-scatter, so its
+programs are held to the bound of a backend without one (`has_reduce_scatter=False`) and the TPU compiler's to the
+full bound.
 
 `min_collective_bytes(...)` is the least a step of data-parallel / FSDP training must send on a (data, fsdp) mesh
 of D x F devices with the batch split over both axes, in the same wire bytes. For trainable parameters of S bytes:
@@ -69,6 +73,7 @@ _CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|true
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _NUM_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 # The three spellings of replica_groups: {{0,1},{2,3}}; iota [groups,size]<=[...]; mesh['a'=2,'b'=4]... {'b'}.
 _GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,\s]*\}(?:\s*,\s*\{[\d,\s]*\})*)?\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
@@ -137,8 +142,8 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
   partitions = _NUM_PARTITIONS.search(hlo_text)
   num_devices = int(partitions.group(1)) if partitions else 1
   shapes: dict[str, str] = {}
-  # computation -> [(kind, operand names, group size)], computation -> [(callee, times per call)]
-  found: dict[str, list[tuple[str, list[str], int]]] = collections.defaultdict(list)
+  # computation -> [(kind, operand names, group size, channel id)], computation -> [(callee, times per call)]
+  found: dict[str, list[tuple[str, list[str], int, str | None]]] = collections.defaultdict(list)
   calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
   entry, computation, unknown_loops = None, None, 0
   for line in hlo_text.splitlines():
@@ -155,7 +160,9 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     shapes[name] = shape
     kind = _kind(opcode)
     if kind is not None:
-      found[computation].append((kind, _operand_names(rest), group_size(rest, num_devices)))
+      channel = _CHANNEL.search(rest)
+      found[computation].append((kind, _operand_names(rest), group_size(rest, num_devices),
+                                 channel.group(1) if channel else None))
     if opcode in ("async-done", "async-update"):
       continue  # the wrapped computation runs once, counted from its async-start
     trip = 1
@@ -176,14 +183,21 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
       visit(callee, n * k)
   visit(entry, 1)
 
-  by_kind = {kind: 0.0 for kind in KINDS}
-  count = {kind: 0 for kind in KINDS}
+  # One collective per channel: the TPU compiler clones an asynchronous collective into each fusion of its
+  # decomposition (start, continuations), every clone with the whole operation and the same channel_id.
+  collectives: dict[Any, tuple[str, float, int]] = {}
   for comp, instructions in found.items():
-    for kind, operands, n in instructions:
+    for i, (kind, operands, n, channel) in enumerate(instructions):
       operand = sum(shape_bytes(shapes.get(op, "")) for op in operands)
       buffer = operand * n if kind == "all-gather" else operand  # an all-gather's buffer is its gathered result
-      by_kind[kind] += wire_bytes(kind, buffer, n) * times[comp]
-      count[kind] += times[comp]
+      key = channel if channel is not None else (comp, i)
+      runs = max(times[comp], collectives[key][2] if key in collectives else 0)
+      collectives[key] = (kind, wire_bytes(kind, buffer, n), runs)
+  by_kind = {kind: 0.0 for kind in KINDS}
+  count = {kind: 0 for kind in KINDS}
+  for kind, wire, runs in collectives.values():
+    by_kind[kind] += wire * runs
+    count[kind] += runs
   by_kind = {kind: int(round(b)) for kind, b in by_kind.items()}
   return {"total": sum(by_kind.values()), "by_kind": by_kind, "count_by_kind": count,
           "unknown_trip_counts": unknown_loops}
@@ -194,10 +208,13 @@ def _nbytes(x: Any) -> int:
 
 
 def min_collective_bytes(trainable: Any, trainable_specs: Any, mesh_shape: tuple[int, int], frozen: Any = None,
-                         frozen_specs: Any = None) -> dict[str, int]:
+                         frozen_specs: Any = None, *, has_reduce_scatter: bool = True) -> dict[str, int]:
   """The least wire bytes per device per step (module docstring: the gather-once minimum) for trainable parameters
   and frozen inputs (pytrees of arrays or ShapeDtypeStructs) with their PartitionSpecs (a spec naming "fsdp" is
-  sharded), on a (data, fsdp) mesh. Returns {"total", "all-reduce", "all-gather", "reduce-scatter"}."""
+  sharded), on a (data, fsdp) mesh. Returns {"total", "all-reduce", "all-gather", "reduce-scatter"}.
+
+  `has_reduce_scatter=False` is the least for a backend without a reduce-scatter (XLA:CPU): a sharded gradient is
+  all-reduced whole over all devices and sliced, 2(N-1)/N x S in place of (F-1)/F x S + 2(D-1)/D x S/F."""
   data, fsdp = mesh_shape
   out = {"all-reduce": 0.0, "all-gather": 0.0, "reduce-scatter": 0.0}
   import jax  # pylint: disable=g-import-not-at-top  (the HLO parser above needs no JAX)
@@ -211,8 +228,11 @@ def min_collective_bytes(trainable: Any, trainable_specs: Any, mesh_shape: tuple
     size = _nbytes(leaf)
     if sharded(spec):
       out["all-gather"] += wire_bytes("all-gather", size, fsdp)  # once: kept for the backward pass
-      out["reduce-scatter"] += wire_bytes("reduce-scatter", size, fsdp)
-      out["all-reduce"] += wire_bytes("all-reduce", size / fsdp, data)
+      if has_reduce_scatter:
+        out["reduce-scatter"] += wire_bytes("reduce-scatter", size, fsdp)
+        out["all-reduce"] += wire_bytes("all-reduce", size / fsdp, data)
+      else:
+        out["all-reduce"] += wire_bytes("all-reduce", size, data * fsdp)
     else:
       out["all-reduce"] += wire_bytes("all-reduce", size, data * fsdp)
   if frozen is not None:
