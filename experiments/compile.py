@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import datetime  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
@@ -41,7 +42,8 @@ _SAVE_ESTIMATES = flags.DEFINE_string(
 # only say where the output goes.
 _COMMAND = " ".join(["encdiff-compile"] + [a for a in sys.argv[1:]
                                            if not a.startswith(("--json=", "--save_estimates="))])
-flags.mark_flags_as_required(["config"])
+_REESTIMATE = flags.DEFINE_string("reestimate", None, "Instead of compiling, make the estimates of a --json report "
+                                  "again (e.g. after a change of the chip table) and print / save them.")
 
 
 def _ints(name: str, values: list[str], what: str) -> list[int]:
@@ -54,6 +56,13 @@ def _ints(name: str, values: list[str], what: str) -> list[int]:
 def _main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if _REESTIMATE.value:
+    with open(_REESTIMATE.value, encoding="utf-8") as f:
+      reports = [aot_compile.reestimate(r) for r in json.load(f)["reports"]]
+    _write(reports)
+    return
+  if _CONFIG.value is None:
+    raise ValueError("--config is required (a name in configs/ or a .py file).")
   if not tpu_topology.libtpu_installed():
     print(f"error: {tpu_topology.LIBTPU_MISSING}", file=sys.stderr)
     sys.exit(2)
@@ -68,20 +77,29 @@ def _main(argv):
     for batch_size in batch_sizes:
       report = aot_compile.compile_for_topology(_CONFIG.value, topology, mesh_shape=mesh_shape,
                                                 batch_size=batch_size, functions=_FUNCTIONS.value)
+      report["command"] = _COMMAND
       print(aot_compile.format_report(report), flush=True)
       reports.append(report)
-  if _JSON.value:
-    write_json(_JSON.value, {"reports": reports}, indent=2)
-    print(f"wrote {_JSON.value}")
-  if _SAVE_ESTIMATES.value:
-    rows = tpu_estimates.rows_from_reports(reports, _COMMAND, datetime.date.today().isoformat())
-    tpu_estimates.merge(_SAVE_ESTIMATES.value, rows)
-    print(f"merged {len(rows)} row(s) into {_SAVE_ESTIMATES.value}")
+  _write(reports)
   failed = [f"{r['topology']} batch {r['batch_size']}: {f['function']}" for r in reports for f in r["functions"]
             if not f["ok"]]
   if failed:
     print(f"{len(failed)} function(s) failed to compile: {'; '.join(failed)}", file=sys.stderr)
     sys.exit(1)
+
+
+def _write(reports: list[dict]) -> None:
+  """The reports to --json and, as rows, into --save_estimates (each row with the command that compiled it)."""
+  if _REESTIMATE.value:
+    for report in reports:
+      print(aot_compile.format_report(report), flush=True)
+  if _JSON.value:
+    write_json(_JSON.value, {"reports": reports}, indent=2)
+    print(f"wrote {_JSON.value}")
+  if _SAVE_ESTIMATES.value:
+    rows = tpu_estimates.rows_from_reports(reports, datetime.date.today().isoformat())
+    tpu_estimates.merge(_SAVE_ESTIMATES.value, rows)
+    print(f"merged {len(rows)} row(s) into {_SAVE_ESTIMATES.value}")
 
 
 def main():

@@ -54,8 +54,9 @@ def test_the_smoke_config_compiles_for_v5e_with_memory_cost_and_collectives(smok
     assert f["bytes_per_device"] >= memory["argument_bytes"]
     assert f["hbm_bytes"] == 16 * 1024 ** 3 and f["fits"] is True
     cost = f["cost"]
-    assert cost["flops_per_device"] > 0 and cost["bytes_accessed_per_device"] > 0 and cost["optimal_seconds"] > 0
+    assert cost["flops_per_device"] > 0 and cost["bytes_accessed_per_device"] > 0
     est = f["estimate"]
+    assert est["compute_model"] in ("optimal_seconds", "roofline")
     assert est["source"] == aot_compile.ESTIMATE_SOURCE
     assert est["step_s"] == pytest.approx(est["compute_s"] + est["communication_s"])
     assert est["images_per_s"] == pytest.approx(8 / est["step_s"])
@@ -93,14 +94,25 @@ def test_topology_names_resolve_to_their_chip_and_a_bad_one_is_named():
 
 def test_the_estimate_adds_communication_to_the_cost_model_time():
   chip = tpu_topology.CHIPS["v5e"]
-  est = aot_compile.estimate(flops_per_device=2e12, optimal_seconds=0.02, wire_bytes=int(2e9), chip=chip,
-                             peak_flops=197e12, images=256)
+  cost = {"flops_per_device": 2e12, "bytes_accessed_per_device": 1e9, "optimal_seconds": 0.02}
+  est = aot_compile.estimate(cost, wire_bytes=int(2e9), chip=chip, peak_flops=197e12, images=256)
+  assert est["compute_model"] == "optimal_seconds"
   assert est["communication_s"] == pytest.approx(2e9 / 200e9)  # 10 ms at 200 GB/s one way
   assert est["step_s"] == pytest.approx(0.03) and est["communication_share"] == pytest.approx(1 / 3)
   assert est["images_per_s"] == pytest.approx(256 / 0.03) and est["mfu"] == pytest.approx(2e12 / 0.03 / 197e12)
-  v4 = aot_compile.estimate(2e12, 0.02, int(2e9), tpu_topology.CHIPS["v4"], 275e12, 256)
+  v4 = aot_compile.estimate(cost, int(2e9), tpu_topology.CHIPS["v4"], 275e12, 256)
   assert v4["communication_s"] is None and v4["communication_share"] is None and v4["step_s"] == 0.02
-  assert aot_compile.estimate(2e12, None, 0, chip, 197e12, 256) is None
+
+
+def test_without_a_cost_model_time_the_estimate_is_the_roofline_of_flops_and_bytes():
+  """The TPU cost model returns a negative optimal_seconds for the official-size step."""
+  chip = tpu_topology.CHIPS["v5e"]
+  memory_bound = {"flops_per_device": 2e11, "bytes_accessed_per_device": 8.19e9, "optimal_seconds": -403.9}
+  est = aot_compile.estimate(memory_bound, 0, chip, 197e12, 32)
+  assert est["compute_model"] == "roofline" and est["compute_s"] == pytest.approx(8.19e9 / 819e9)
+  compute_bound = dict(memory_bound, bytes_accessed_per_device=1e6)
+  assert aot_compile.estimate(compute_bound, 0, chip, 197e12, 32)["compute_s"] == pytest.approx(2e11 / 197e12)
+  assert aot_compile.estimate({"optimal_seconds": None}, 0, chip, 197e12, 32) is None
 
 
 def test_the_config_is_compiled_as_a_tpu_runs_it():

@@ -13,8 +13,10 @@ What `encdiff-lower` stops short of: the TPU compiler itself (libtpu) compiles e
     diffusion step the least a step on the mesh must send;
   * how often GSPMD logged an "involuntary full rematerialization" while compiling.
 
-From these an estimate: step time = optimal_seconds + wire bytes / the chip's one-direction ICI bandwidth (no
-overlap of communication with compute assumed, so an upper-side estimate of a step the cost model prices right),
+From these an estimate: step time = computation + wire bytes / the chip's one-direction ICI bandwidth (no overlap
+of communication with compute assumed, so an upper-side estimate of a step the cost model prices right), where the
+computation is `optimal_seconds` or, where the cost model gives none (it returns a negative number for the
+official-size train step), the roofline of the compiled program's FLOPs and bytes accessed (`compute_model`),
 images/s, MFU against the published peak, and the share of the step that is communication. Every estimate
 carries ESTIMATE_SOURCE: it is the compiler's cost model, not a measurement, until a device confirms it
 (`encdiff-device-check` on a TPU compares the two).
@@ -49,18 +51,33 @@ def config_for_slice(config: ml_collections.ConfigDict, mesh_shape: tuple[int, i
   return config
 
 
-def estimate(flops_per_device: float | None, optimal_seconds: float | None, wire_bytes: int,
-             chip: tpu_topology.Chip, peak_flops: float | None, images: int) -> dict[str, Any] | None:
+def compute_seconds(cost: dict[str, float | None], chip: tpu_topology.Chip,
+                    peak_flops: float | None) -> tuple[float | None, str | None]:
+  """(seconds of the program's computation, how): the TPU cost model's `optimal_seconds` where it gives one; for
+  large programs it returns a negative number instead, and then the roofline of the compiler's own FLOPs and bytes
+  accessed at the chip's peak FLOP/s and HBM bandwidth."""
+  if cost.get("optimal_seconds") and cost["optimal_seconds"] > 0:
+    return cost["optimal_seconds"], "optimal_seconds"
+  flops, accessed = cost.get("flops_per_device"), cost.get("bytes_accessed_per_device")
+  if not flops or not accessed or not peak_flops:
+    return None, None
+  return max(flops / peak_flops, accessed / chip.hbm_bytes_per_s), "roofline"
+
+
+def estimate(cost: dict[str, float | None], wire_bytes: int, chip: tpu_topology.Chip, peak_flops: float | None,
+             images: int) -> dict[str, Any] | None:
   """Step time, images/s, MFU and communication share from the compiler's numbers (module docstring)."""
-  if not optimal_seconds or optimal_seconds <= 0:
+  compute_s, how = compute_seconds(cost, chip, peak_flops)
+  if compute_s is None:
     return None
   communication_s = wire_bytes / chip.ici_bytes_per_s if chip.ici_bytes_per_s else None
-  step_s = optimal_seconds + (communication_s or 0.0)
+  step_s = compute_s + (communication_s or 0.0)
   return {
-      "source": ESTIMATE_SOURCE, "compute_s": optimal_seconds, "communication_s": communication_s,
-      "step_s": step_s, "communication_share": None if communication_s is None else communication_s / step_s,
+      "source": ESTIMATE_SOURCE, "compute_s": compute_s, "compute_model": how,
+      "communication_s": communication_s, "step_s": step_s,
+      "communication_share": None if communication_s is None else communication_s / step_s,
       "images_per_s": images / step_s if images else None,
-      "mfu": perf.mfu(flops_per_device, step_s, peak_flops),
+      "mfu": perf.mfu(cost.get("flops_per_device"), step_s, peak_flops),
   }
 
 
@@ -101,8 +118,7 @@ def compile_target(target: lower.Target, chip: tpu_topology.Chip, peak_flops: fl
       fits=None if per_device is None else per_device <= chip.hbm_bytes, cost=cost,
       collective_wire_bytes_per_device=comm["total"], collective_wire_bytes_by_kind=comm["by_kind"],
       collectives_by_kind=comm["count_by_kind"],
-      estimate=estimate(cost["flops_per_device"], cost["optimal_seconds"], comm["total"], chip, peak_flops,
-                        target.images))
+      estimate=estimate(cost, comm["total"], chip, peak_flops, target.images))
   if target.communication is not None:
     bound = target.communication(compiled)
     entry.update(min_collective_wire_bytes_per_device=bound["min_collective_bytes_per_step"],
@@ -133,6 +149,16 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *,
       "jax_version": jax.__version__, "libtpu_version": _libtpu_version(),
       "functions": [compile_target(t, chip, peak) for t in all_targets if not functions or t.name in functions],
   }
+
+
+def reestimate(report: dict[str, Any]) -> dict[str, Any]:
+  """A saved report with every estimate made again from its compiled numbers (cost, collectives) and the current
+  chip table and estimate rules, without compiling again."""
+  chip = tpu_topology.CHIPS[report["chip"]]
+  functions = [dict(f, estimate=estimate(f["cost"], f["collective_wire_bytes_per_device"], chip,
+                                         report["peak_flops_per_chip"], f["images_per_call"])) if f["ok"] else f
+               for f in report["functions"]]
+  return dict(report, functions=functions)
 
 
 def _libtpu_version() -> str | None:

@@ -18,8 +18,8 @@ PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_estimat
 _KEY = ("chip", "num_devices", "mesh", "compute_dtype", "batch_size", "function")
 
 
-def rows_from_reports(reports: Iterable[dict[str, Any]], command: str, date: str) -> list[dict[str, Any]]:
-  """One flat row per compiled function of encdiff-compile's reports."""
+def rows_from_reports(reports: Iterable[dict[str, Any]], date: str) -> list[dict[str, Any]]:
+  """One flat row per compiled function of encdiff-compile's reports (each report carries its "command")."""
   rows = []
   for report in reports:
     for f in report["functions"]:
@@ -32,11 +32,11 @@ def rows_from_reports(reports: Iterable[dict[str, Any]], command: str, date: str
           "flops_per_device": (f.get("cost") or {}).get("flops_per_device"),
           "collective_wire_bytes_per_device": f.get("collective_wire_bytes_per_device"),
           "step_ms": None if not est else est["step_s"] * 1e3,
-          "compute_ms": None if not est else est["compute_s"] * 1e3,
+          "compute_ms": None if not est else est["compute_s"] * 1e3, "compute_model": est.get("compute_model"),
           "images_per_s": est.get("images_per_s"), "mfu": est.get("mfu"),
           "communication_share": est.get("communication_share"), "source": report["estimate_source"],
           "config": report["config"], "jax_version": report["jax_version"],
-          "libtpu_version": report["libtpu_version"], "command": command, "date": date,
+          "libtpu_version": report["libtpu_version"], "command": report["command"], "date": date,
       })
   return rows
 
