@@ -122,3 +122,16 @@ def test_the_config_is_compiled_as_a_tpu_runs_it():
   assert config.train.compute_dtype == "bfloat16"  # "auto" as a TPU resolves it
   assert (config.mesh.data, config.mesh.fsdp, config.train.batch_size) == (2, 2, 16)
   assert config.unet.conv_impl == "xla"
+
+
+def test_a_saved_report_is_estimated_again_from_its_compiled_numbers():
+  compiled = {"function": "diffusion_train_step", "ok": True, "images_per_call": 256, "estimate": None,
+              "cost": {"flops_per_device": 2.34e11, "bytes_accessed_per_device": 1.819e10, "optimal_seconds": -403.9},
+              "collective_wire_bytes_per_device": 113_000_000}
+  failed = {"function": "encode", "ok": False, "error": "XlaRuntimeError: ..."}
+  report = {"chip": "v5e", "peak_flops_per_chip": 197e12, "functions": [compiled, failed]}
+  again = aot_compile.reestimate(report)
+  est = again["functions"][0]["estimate"]
+  assert est["compute_model"] == "roofline" and est["compute_s"] == pytest.approx(1.819e10 / 819e9)
+  assert est["communication_s"] == pytest.approx(113e6 / 200e9)
+  assert again["functions"][1] == failed and report["functions"][0]["estimate"] is None  # the input is left as it was
