@@ -81,8 +81,10 @@ def device_peak_flops(device: Any, dtype: str) -> tuple[float | None, str]:
   return peak, f"published peak for {device.device_kind} ({dtype}), see concept_diffusion/perf.py"
 
 
-def _first(analysis: Any) -> dict:
-  # Older jaxlibs return a list with one dict per computation; newer ones the dict itself.
+def first_cost_analysis(compiled: Any) -> dict:
+  """XLA's cost analysis of a compiled computation as one dict ("flops", "bytes accessed", on TPU
+  "optimal_seconds"); older jaxlibs return a list with one dict per computation, newer ones the dict itself."""
+  analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     return analysis[0] if analysis else {}
   return analysis or {}
@@ -90,7 +92,7 @@ def _first(analysis: Any) -> dict:
 
 def compiled_flops(compiled: Any) -> float | None:
   """FLOPs of one call of a compiled computation by XLA's cost analysis (per device when SPMD-partitioned)."""
-  flops = _first(compiled.cost_analysis()).get("flops")
+  flops = first_cost_analysis(compiled).get("flops")
   return float(flops) if flops is not None and flops >= 0 else None
 
 
@@ -108,6 +110,10 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
   }
   # What the call needs live at once: arguments, temporaries, and the outputs that do not alias an argument.
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  # The buffer assignment's own peak, where the backend reports one (TPU: its temporaries are counted here and
+  # not in temp_size_in_bytes); None elsewhere.
+  peak = getattr(stats, "peak_memory_in_bytes", None)
+  out["peak_bytes"] = int(peak) if peak else None
   return out
 
 

@@ -277,7 +277,7 @@ def test_benchmark_cli_rejects_a_batch_that_does_not_divide_over_the_devices():
 
 # --- collectives: the HLO parser and the minimum (tools/collectives.py) -------------------------------------------
 
-_COLLECTIVES_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=2
+_COLLECTIVES_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
 
 %add (x: f32[], y: f32[]) -> f32[] {
   %x = f32[] parameter(0)
@@ -289,7 +289,7 @@ _COLLECTIVES_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=2
   %p = (s32[], f32[8,4]{1,0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
   %w = f32[8,4]{1,0} get-tuple-element(%p), index=1
-  %all-reduce.7 = f32[8,4]{1,0} all-reduce(%w), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %all-reduce.7 = f32[8,4]{1,0} all-reduce(%w), channel_id=1, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
   ROOT %t = (s32[], f32[8,4]{1,0}) tuple(%i, %all-reduce.7)
 }
 
@@ -298,55 +298,99 @@ _COLLECTIVES_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=2
   ROOT %c = pred[] constant(true)
 }
 
-ENTRY %main (a: f32[4,16], b: bf16[16,16], s: f32[2], v: f32[3]) -> f32[8,16] {
+%gather (g: f32[4,16]) -> f32[16,16] {
+  %g = f32[4,16]{1,0} parameter(0)
+  ROOT %all-gather = f32[16,16]{1,0} all-gather(%g), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+}
+
+%gather.continued (g.1: f32[4,16]) -> f32[16,16] {
+  %g.1 = f32[4,16]{1,0} parameter(0)
+  ROOT %all-gather.1 = f32[16,16]{1,0} all-gather(%g.1), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+}
+
+ENTRY %main (a: f32[4,16], b: bf16[16,16], s: f32[2], v: f32[3]) -> f32[16,16] {
   %a = f32[4,16]{1,0} parameter(0)
   %b = bf16[16,16]{1,0} parameter(1)
   %s = f32[2]{0} parameter(2)
   %v = f32[3]{0} parameter(3)
-  %all-gather = f32[8,16]{1,0} all-gather(%a), channel_id=2, replica_groups=[1,2]<=[2], dimensions={0}
-  %reduce-scatter = bf16[8,16]{1,0} reduce-scatter(%b), channel_id=3, dimensions={0}, to_apply=%add
+  %gathered = f32[16,16]{1,0} fusion(%a), kind=kCustom, calls=%gather
+  %gathered.1 = f32[16,16]{1,0} fusion(%a), kind=kCustom, calls=%gather.continued
+  %reduce-scatter = bf16[4,16]{1,0} reduce-scatter(%b), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}, to_apply=%add
   %all-reduce = (f32[2]{0}, f32[3]{0}) all-reduce(%s, %v), channel_id=4, to_apply=%add
+  %ar-start = f32[3]{0} all-reduce-start(%v), channel_id=5, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %ar-done = f32[3]{0} all-reduce-done(%ar-start)
   %cp-start = (f32[4,16]{1,0}, f32[4,16]{1,0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1}}
   %cp-done = f32[4,16]{1,0} collective-permute-done(%cp-start)
-  %all-to-all = f32[4,16]{1,0} all-to-all(%a), dimensions={0}
+  %all-to-all = f32[4,16]{1,0} all-to-all(%a), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
   %init = (s32[], f32[8,4]{1,0}) tuple(%c.0, %w.0)
   %while = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  ROOT %r = f32[8,16]{1,0} add(%all-gather, %all-gather)
+  ROOT %r = f32[16,16]{1,0} add(%gathered, %gathered)
 }
 """
 
 
-def test_collective_bytes_are_read_from_the_hlo_by_the_stated_convention():
+def test_collective_wire_bytes_are_read_from_the_hlo_with_each_group_size():
   counted = collectives.collective_bytes(_COLLECTIVES_HLO)
   assert counted["by_kind"] == {
-      "all-gather": 8 * 16 * 4,  # the gathered result
-      "reduce-scatter": 16 * 16 * 2,  # the operand before scattering (bf16)
-      "all-reduce": (2 + 3) * 4 + 3 * 8 * 4 * 4,  # a combined (tuple) all-reduce + one in a loop run 3 times
-      "collective-permute": 4 * 16 * 4,  # the async pair once, by its -done
-      "all-to-all": 4 * 16 * 4,
+      # the gathered result (4 x 256 B over an iota group of 4) x 3/4, inside a called computation; its clone in
+      # a second fusion (the same channel_id: the TPU compiler's async decomposition) is the same collective
+      "all-gather": 3 * 1024 // 4,
+      # the bf16 operand x 3/4: the mesh form's group is axis_1, 4 devices
+      "reduce-scatter": 3 * 512 // 4,
+      # 2(n-1)/n x S: a combined (tuple) all-reduce over all 8 devices (no groups named), an async pair over groups
+      # of 4 counted once by its -start, and one over pairs in a loop run 3 times
+      "all-reduce": 2 * 7 * 20 // 8 + 2 * 3 * 12 // 4 + 3 * 128,
+      "collective-permute": 256,  # each device sends its buffer once
+      "all-to-all": 7 * 256 // 8,
   }
-  assert counted["total"] == 512 + 512 + 404 + 256 + 256 == 1940
-  assert counted["count_by_kind"]["all-reduce"] == 4 and counted["unknown_trip_counts"] == 0
+  assert counted["total"] == 768 + 384 + (35 + 18 + 384) + 256 + 224
+  assert counted["count_by_kind"]["all-reduce"] == 5 and counted["unknown_trip_counts"] == 0
   assert collectives.shape_bytes("(f32[2,3]{1,0}, bf16[4], pred[])") == 24 + 8 + 1
   assert collectives.count_remat_warnings("W spmd_partitioner.cc:656] [SPMD] Involuntary full rematerialization. "
                                           "The compiler cannot go ...\nok\n") == 1
 
 
-def test_minimum_collective_bytes_for_data_parallel_and_fsdp():
+def test_an_all_reduce_sends_twice_what_a_reduce_scatter_of_the_same_buffer_sends():
+  for n in (2, 4, 8, 256):
+    assert collectives.wire_bytes("all-reduce", 1000, n) == 2 * collectives.wire_bytes("reduce-scatter", 1000, n)
+    assert collectives.wire_bytes("all-reduce", 1000, n) == pytest.approx(2 * (n - 1) / n * 1000)
+  assert collectives.wire_bytes("all-gather", 1000, 1) == 0  # a group of one sends nothing
+
+
+def test_minimum_wire_bytes_for_data_parallel_and_gather_once_fsdp():
   P = jax.sharding.PartitionSpec
   trainable = [jax.ShapeDtypeStruct((8, 4), jnp.float32), jax.ShapeDtypeStruct((10,), jnp.float32)]  # 128 + 40 B
   frozen = [jax.ShapeDtypeStruct((16, 16), jnp.bfloat16), jax.ShapeDtypeStruct((5,), jnp.float32)]  # 512 + 20 B
   fsdp_specs, frozen_specs = [P("fsdp", None), P()], [P(None, "fsdp"), P()]
-  # Data parallel: one all-reduce of every gradient; frozen inputs are replicated, nothing to gather.
+  # Data parallel on 8: one all-reduce of every gradient, 2 x 7/8 x 168; frozen inputs replicated, nothing to gather.
   dp = collectives.min_collective_bytes(trainable, [P(), P()], (8, 1), frozen, [P(), P()])
-  assert dp == {"all-reduce": 168, "all-gather": 0, "reduce-scatter": 0, "total": 168}
-  # FSDP (4, 2): all-gather forward + backward (2 x 128) and the frozen weight once (512), reduce-scatter of the
-  # gradient (128), all-reduce of its shard over data (64) and of the replicated gradient (40).
+  assert dp == {"all-reduce": 294, "all-gather": 0, "reduce-scatter": 0, "total": 294}
+  # (4, 2): the sharded weight gathered once (1/2 x 128) and the frozen one (1/2 x 512), its gradient
+  # reduce-scattered (1/2 x 128) and its shard all-reduced over data (2 x 3/4 x 64), the replicated gradient
+  # all-reduced over all 8 (2 x 7/8 x 40).
   assert collectives.min_collective_bytes(trainable, fsdp_specs, (4, 2), frozen, frozen_specs) == {
-      "all-gather": 768, "reduce-scatter": 128, "all-reduce": 104, "total": 1000}
+      "all-gather": 64 + 256, "reduce-scatter": 64, "all-reduce": 96 + 70, "total": 550}
+  # XLA:CPU has no reduce-scatter: the sharded gradient is all-reduced whole over all 8 (2 x 7/8 x 128) and sliced.
+  assert collectives.min_collective_bytes(trainable, fsdp_specs, (4, 2), frozen, frozen_specs,
+                                          has_reduce_scatter=False) == {
+      "all-gather": 64 + 256, "reduce-scatter": 0, "all-reduce": 224 + 70, "total": 614}
   # (1, 8): no data axis to all-reduce the shards over.
-  assert collectives.min_collective_bytes(trainable, fsdp_specs, (1, 8), frozen, frozen_specs)["total"] == 936
+  assert collectives.min_collective_bytes(trainable, fsdp_specs, (1, 8), frozen, frozen_specs)["total"] == (
+      112 + 448 + 112 + 70)
   assert collectives.min_collective_bytes(trainable, fsdp_specs, (1, 1))["total"] == 0
+
+
+def test_gather_once_bound_is_2s_plus_s_over_fsdp_as_buffers_and_tends_to_it_on_the_wire():
+  """The docstring's formula: a large FSDP-sharded S on (D, F) needs (F-1)/F S + (F-1)/F S + 2(D-1)/D S/F on the
+  wire, which for large D and F tends to 2S + 2S/F; gathering a second time in the backward pass would add S."""
+  P = jax.sharding.PartitionSpec
+  size = 1 << 20
+  weight = [jax.ShapeDtypeStruct((size // 4,), jnp.float32)]
+  for data, fsdp in ((4, 2), (16, 16), (1, 64)):
+    bound = collectives.min_collective_bytes(weight, [P("fsdp")], (data, fsdp))["total"]
+    expected = 2 * (fsdp - 1) / fsdp * size + 2 * (data - 1) / data * size / fsdp
+    assert bound == pytest.approx(expected, abs=2)
+    assert bound < 2 * size + 2 * size / fsdp
 
 
 def test_used_leaves_finds_the_parameters_a_function_reads():

@@ -116,8 +116,9 @@ def communication(compiled, model: EncDiff, state, ae_params, images, mesh) -> d
       if read:
         frozen.append(leaf)
         frozen_specs.append(spec)
-  minimum = collectives.min_collective_bytes(jax.tree_util.tree_leaves(state.params), _specs(state.params),
-                                             (mesh.shape["data"], mesh.shape["fsdp"]), frozen, frozen_specs)
+  minimum = collectives.min_collective_bytes(
+      jax.tree_util.tree_leaves(state.params), _specs(state.params), (mesh.shape["data"], mesh.shape["fsdp"]), frozen,
+      frozen_specs, has_reduce_scatter=mesh.devices.flat[0].platform != "cpu")
   return {"collective_bytes_per_step": measured["total"], "collective_bytes_by_kind": measured["by_kind"],
           "collectives_by_kind": measured["count_by_kind"],
           "min_collective_bytes_per_step": minimum["total"],

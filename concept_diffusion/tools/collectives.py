@@ -1,39 +1,47 @@
 """What a compiled SPMD step communicates, read from its HLO, and the least any partitioning of it could.
 
 `collective_bytes(compiled.as_text())` sums, per collective kind (all-reduce, all-gather, reduce-scatter,
-all-to-all, collective-permute), the bytes of every collective instruction the step executes.
+all-to-all, collective-permute), the bytes each device sends over the interconnect per step for every collective
+instruction the step executes ("wire bytes"), as a bandwidth-optimal ring over the instruction's group of n
+devices sends them, for a buffer of S bytes (the whole array the group combines or exchanges, on one device):
 
-Byte convention (the same for the measurement and for the minimum, so their ratio means something): each
-collective instruction counts the bytes of the largest buffer it touches on one device, i.e. the array whose
-pieces the devices of its group combine or exchange:
+  * all-reduce: 2(n-1)/n x S (a reduce-scatter then an all-gather), S its operand;
+  * all-gather: (n-1)/n x S, S the gathered result; reduce-scatter: (n-1)/n x S, S the operand before scattering;
+  * all-to-all: (n-1)/n x S, S its operand; collective-permute: S (each device sends its buffer once).
 
-  * all-reduce: its operand (= its result);
-  * all-gather: its result (the gathered array); reduce-scatter: its operand (the array before scattering);
-  * all-to-all, collective-permute: their operand (= their result).
+n is read from the instruction's `replica_groups` (an explicit list, the iota form `[groups,n]<=[...]`, or the
+mesh form `mesh[...] {'axis_i',...}` of newer XLA); none, or `{}`, is every device of the module
+(`num_partitions`). Tuple-shaped (combined) collectives count every operand. Asynchronous pairs count once (the
+`*-start`, which carries the operands and groups; the `*-done` not at all), and so do the clones of one
+collective that share its `channel_id` (the TPU compiler repeats an asynchronous collective in each fusion of its
+decomposition); a collective inside a computation
+that runs several times counts that many times: a `while` body times its trip count (XLA's `known_trip_count`; a
+loop without one counts once and is reported in `unknown_trip_counts`), a called computation (a fusion, the TPU
+compiler's async collective wrappers) as often as its callers run. XLA:CPU has no reduce-scatter and emits an
+all-reduce followed by a slice: on the wire that costs what an all-reduce costs, twice a reduce-scatter, so its
+programs are held to the bound of a backend without one (`has_reduce_scatter=False`) and the TPU compiler's to the
+full bound.
 
-Tuple-shaped (combined) collectives count every element of the tuple. Asynchronous pairs count once (the
-`*-done` instruction's result, the `*-start` not at all); collectives inside a computation that runs several
-times count that many times: a `while` body times its trip count (XLA's `known_trip_count`; a loop without one
-counts once and is reported in `unknown_trip_counts`), a called computation as often as its callers run. These
-are bytes per device per step, not bytes on the wire: a ring all-reduce over n devices sends 2(n-1)/n of its
-buffer, an all-gather or reduce-scatter (n-1)/n, so an all-reduce of a buffer costs what a reduce-scatter plus an
-all-gather of it cost, and all-reduce + slice (what XLA:CPU emits for a reduce-scatter) counts as one
-reduce-scatter would.
+`min_collective_bytes(...)` is the least a step of data-parallel / FSDP training must send on a (data, fsdp) mesh
+of D x F devices with the batch split over both axes, in the same wire bytes. For trainable parameters of S bytes:
 
-`min_collective_bytes(...)` is the same count for the least a step of data-parallel / FSDP training must
-communicate on a (data, fsdp) mesh with the batch split over both axes:
+  * replicated (all of them when F = 1): one all-reduce of their gradients over all N = D F devices,
+    2(N-1)/N x S;
+  * FSDP-sharded, gathered once ("gather-once minimum"): an all-gather of the parameters over the fsdp axis in the
+    forward pass whose result is kept for the backward pass, a reduce-scatter of the gradients over the fsdp axis
+    and, with D > 1, an all-reduce of the gradient shards (S/F) over the data axis:
+        (F-1)/F x S + (F-1)/F x S + 2(D-1)/D x S/F.
+    Counted as buffers (each collective its S, as the accounting before the wire convention did) this is the
+    familiar 2S + S/F; on the wire it tends to 2S + 2S/F on large meshes;
+  * FSDP-sharded frozen inputs the step reads (the first stage's encoder): one all-gather, (F-1)/F x S.
 
-  * replicated trainable parameters (all of them when fsdp = 1): one all-reduce of their gradients (its bytes:
-    the parameters' bytes);
-  * fsdp-sharded trainable parameters: an all-gather of the parameters in the forward pass and another in the
-    backward pass (each: the full parameters' bytes), a reduce-scatter of the gradients over the fsdp axis (the
-    full gradients' bytes) and, with data > 1, an all-reduce of the gradient shards over the data axis (the
-    shards' bytes, full / fsdp);
-  * fsdp-sharded frozen inputs the step reads (the first stage's encoder): one all-gather in the forward pass.
-
-Scalars (loss, gradient norm) and BatchNorm statistics are left out of the minimum: they are bytes, not
-megabytes. A compiler may do better than the minimum (e.g. keep the forward all-gather's result for the backward
-pass: 2/3 of the FSDP bytes), never much worse without waste.
+Gathering once is a choice with a memory price: the full (unsharded) parameters of every layer stay resident from
+the forward pass to the backward pass, so the step's peak holds S per device on top of the F-fold sharded state
+(what FSDP saves is the optimiser state and the gradients, not the live parameters). A step that gathers again in
+the backward pass instead sends (F-1)/F x S more, the bound before it was corrected (3S + S/F as buffers). Scalars
+(loss, gradient norm) and BatchNorm statistics are left out of the minimum: they are bytes, not megabytes. A step
+computed in bfloat16 may gather its weights in bfloat16 (the TPU compiler does) and so go below the bound, which
+counts the parameters in their stored dtype.
 """
 from __future__ import annotations
 
@@ -64,6 +72,13 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
 _CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|true_computation|false_computation)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_NUM_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+# The three spellings of replica_groups: {{0,1},{2,3}}; iota [groups,size]<=[...]; mesh['a'=2,'b'=4]... {'b'}.
+_GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,\s]*\}(?:\s*,\s*\{[\d,\s]*\})*)?\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\][^{]*\{(?P<used>[^}]*)\}")
+_MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -73,6 +88,32 @@ def shape_bytes(shape: str) -> int:
     if dtype in _BYTES_PER_ELEMENT:
       total += _BYTES_PER_ELEMENT[dtype] * math.prod(int(d) for d in dims.split(",") if d)
   return int(total)
+
+
+def group_size(attributes: str, num_devices: int) -> int:
+  """How many devices take part in each group of a collective, from its `replica_groups` attribute (module
+  docstring); `num_devices` when it names none."""
+  mesh = _GROUPS_MESH.search(attributes)
+  if mesh:
+    sizes = dict((name, int(size)) for name, size in _MESH_AXIS.findall(mesh.group("axes")))
+    return math.prod(sizes[name.strip().strip("'")] for name in mesh.group("used").split(",") if name.strip())
+  iota = _GROUPS_IOTA.search(attributes)
+  if iota:
+    return int(iota.group(2))
+  listed = _GROUPS_LIST.search(attributes)
+  if listed and listed.group(1):
+    return len(re.findall(r"\d+", listed.group(1).split("}")[0]))
+  return num_devices
+
+
+def wire_bytes(kind: str, buffer_bytes: float, n: int) -> float:
+  """Bytes one device sends for a collective of `kind` over a group of n on a buffer of `buffer_bytes` (module
+  docstring)."""
+  if kind == "collective-permute":
+    return buffer_bytes
+  if n <= 1:
+    return 0.0
+  return (2.0 if kind == "all-reduce" else 1.0) * (n - 1) / n * buffer_bytes
 
 
 def _operand_names(rest: str) -> list[str]:
@@ -87,20 +128,22 @@ def _operand_names(rest: str) -> list[str]:
 
 
 def _kind(opcode: str) -> str | None:
-  """The collective kind an opcode executes (async `-done` counts; `-start`, `-update` do not)."""
+  """The collective kind an opcode executes (a synchronous one or an async `-start`; `-done`, `-update` not)."""
   if opcode in KINDS:
     return opcode
-  if opcode.endswith("-done") and opcode[:-len("-done")] in KINDS:
-    return opcode[:-len("-done")]
+  if opcode.endswith("-start") and opcode[:-len("-start")] in KINDS:
+    return opcode[:-len("-start")]
   return None
 
 
 def collective_bytes(hlo_text: str) -> dict[str, Any]:
-  """{"total": bytes per device per step, "by_kind": {kind: bytes}, "count_by_kind": {kind: instructions run},
-  "unknown_trip_counts": loops counted once}, by the module docstring's convention."""
+  """{"total": wire bytes per device per step, "by_kind": {kind: wire bytes}, "count_by_kind": {kind:
+  instructions run}, "unknown_trip_counts": loops counted once}, by the module docstring's convention."""
+  partitions = _NUM_PARTITIONS.search(hlo_text)
+  num_devices = int(partitions.group(1)) if partitions else 1
   shapes: dict[str, str] = {}
-  # computation -> [(kind, shape, operands: none for a `-done`)], computation -> [(callee, times per call)]
-  found: dict[str, list[tuple[str, str, list[str]]]] = collections.defaultdict(list)
+  # computation -> [(kind, operand names, group size, channel id)], computation -> [(callee, times per call)]
+  found: dict[str, list[tuple[str, list[str], int, str | None]]] = collections.defaultdict(list)
   calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
   entry, computation, unknown_loops = None, None, 0
   for line in hlo_text.splitlines():
@@ -117,7 +160,9 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     shapes[name] = shape
     kind = _kind(opcode)
     if kind is not None:
-      found[computation].append((kind, shape, [] if opcode.endswith("-done") else _operand_names(rest)))
+      channel = _CHANNEL.search(rest)
+      found[computation].append((kind, _operand_names(rest), group_size(rest, num_devices),
+                                 channel.group(1) if channel else None))
     if opcode in ("async-done", "async-update"):
       continue  # the wrapped computation runs once, counted from its async-start
     trip = 1
@@ -138,20 +183,22 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
       visit(callee, n * k)
   visit(entry, 1)
 
-  by_kind = {kind: 0 for kind in KINDS}
-  count = {kind: 0 for kind in KINDS}
+  # One collective per channel: the TPU compiler clones an asynchronous collective into each fusion of its
+  # decomposition (start, continuations), every clone with the whole operation and the same channel_id.
+  collectives: dict[Any, tuple[str, float, int]] = {}
   for comp, instructions in found.items():
-    for kind, shape, operands in instructions:
-      result = shape_bytes(shape)
+    for i, (kind, operands, n, channel) in enumerate(instructions):
       operand = sum(shape_bytes(shapes.get(op, "")) for op in operands)
-      if kind == "all-gather" or not operands:  # an async `-done`: its result is the collective's output
-        size = result
-      elif kind == "reduce-scatter":
-        size = operand
-      else:
-        size = max(result, operand)
-      by_kind[kind] += size * times[comp]
-      count[kind] += times[comp]
+      buffer = operand * n if kind == "all-gather" else operand  # an all-gather's buffer is its gathered result
+      key = channel if channel is not None else (comp, i)
+      runs = max(times[comp], collectives[key][2] if key in collectives else 0)
+      collectives[key] = (kind, wire_bytes(kind, buffer, n), runs)
+  by_kind = {kind: 0.0 for kind in KINDS}
+  count = {kind: 0 for kind in KINDS}
+  for kind, wire, runs in collectives.values():
+    by_kind[kind] += wire * runs
+    count[kind] += runs
+  by_kind = {kind: int(round(b)) for kind, b in by_kind.items()}
   return {"total": sum(by_kind.values()), "by_kind": by_kind, "count_by_kind": count,
           "unknown_trip_counts": unknown_loops}
 
@@ -161,14 +208,15 @@ def _nbytes(x: Any) -> int:
 
 
 def min_collective_bytes(trainable: Any, trainable_specs: Any, mesh_shape: tuple[int, int], frozen: Any = None,
-                         frozen_specs: Any = None) -> dict[str, int]:
-  """The least bytes per device per step (module docstring) for trainable parameters and frozen inputs (pytrees
-  of arrays or ShapeDtypeStructs) with their PartitionSpecs (a spec naming "fsdp" is sharded), on a (data, fsdp)
-  mesh. Returns {"total", "all-reduce", "all-gather", "reduce-scatter"}."""
+                         frozen_specs: Any = None, *, has_reduce_scatter: bool = True) -> dict[str, int]:
+  """The least wire bytes per device per step (module docstring: the gather-once minimum) for trainable parameters
+  and frozen inputs (pytrees of arrays or ShapeDtypeStructs) with their PartitionSpecs (a spec naming "fsdp" is
+  sharded), on a (data, fsdp) mesh. Returns {"total", "all-reduce", "all-gather", "reduce-scatter"}.
+
+  `has_reduce_scatter=False` is the least for a backend without a reduce-scatter (XLA:CPU): a sharded gradient is
+  all-reduced whole over all devices and sliced, 2(N-1)/N x S in place of (F-1)/F x S + 2(D-1)/D x S/F."""
   data, fsdp = mesh_shape
-  out = {"all-reduce": 0, "all-gather": 0, "reduce-scatter": 0}
-  if data * fsdp == 1:
-    return dict(out, total=0)
+  out = {"all-reduce": 0.0, "all-gather": 0.0, "reduce-scatter": 0.0}
   import jax  # pylint: disable=g-import-not-at-top  (the HLO parser above needs no JAX)
   is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)
 
@@ -179,17 +227,20 @@ def min_collective_bytes(trainable: Any, trainable_specs: Any, mesh_shape: tuple
                                                                                        is_leaf=is_spec)):
     size = _nbytes(leaf)
     if sharded(spec):
-      out["all-gather"] += 2 * size  # forward and backward
-      out["reduce-scatter"] += size
-      if data > 1:
-        out["all-reduce"] += size // fsdp
+      out["all-gather"] += wire_bytes("all-gather", size, fsdp)  # once: kept for the backward pass
+      if has_reduce_scatter:
+        out["reduce-scatter"] += wire_bytes("reduce-scatter", size, fsdp)
+        out["all-reduce"] += wire_bytes("all-reduce", size / fsdp, data)
+      else:
+        out["all-reduce"] += wire_bytes("all-reduce", size, data * fsdp)
     else:
-      out["all-reduce"] += size
+      out["all-reduce"] += wire_bytes("all-reduce", size, data * fsdp)
   if frozen is not None:
     for leaf, spec in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(frozen_specs,
                                                                                      is_leaf=is_spec)):
       if sharded(spec):
-        out["all-gather"] += _nbytes(leaf)
+        out["all-gather"] += wire_bytes("all-gather", _nbytes(leaf), fsdp)
+  out = {kind: int(round(b)) for kind, b in out.items()}
   return dict(out, total=sum(out.values()))
 
 

@@ -5,6 +5,11 @@ lowering of every function for the devices' own platform on the benchmark config
 temporary workdir (loss, images/s, MFU from its metrics.jsonl); the benchmark config's train step at each batch
 size in each compute dtype (tools/benchmark.py: img/s, MFU, memory, compile time); DDIM sampling at the first
 batch size. The report is one JSON and one Markdown table, so that the numbers go into the README as they are.
+
+On a TPU each benchmark row also carries the compile estimate for that step from the package's estimates file
+(tools/tpu_estimates.py, made by encdiff-compile on a CPU host) and measured / estimated: the first device loan
+calibrates the compiler-cost-model numbers of docs/scaling.md. `plan(...)` says beforehand what will be compiled
+and run, with those estimates.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import ml_collections
 
 from concept_diffusion import parallel
 from concept_diffusion.checkpoint import first_line
-from concept_diffusion.tools import benchmark, lower
+from concept_diffusion.tools import benchmark, lower, tpu_estimates
 from concept_diffusion.train import trainer
 
 
@@ -78,6 +83,8 @@ def run_device_check(benchmark_config: ml_collections.ConfigDict, smoke_config: 
       "jax_version": jax.__version__, "config": benchmark_config.name, "checks": {}, "benchmark": [],
   }
   platform = "cuda" if devices[0].platform == "gpu" else devices[0].platform
+  chip = tpu_estimates.chip_of_device_kind(devices[0].device_kind) if platform == "tpu" else None
+  estimates = tpu_estimates.load() if chip else []
   report["lowering"] = _check(report, f"lowering ({platform})", lambda: _lowering(benchmark_config, platform), say)
   report["smoke_training"] = _check(report, f"smoke training ({train_steps} steps)",
                                     lambda: _smoke_training(smoke_config, train_steps), say)
@@ -92,14 +99,48 @@ def run_device_check(benchmark_config: ml_collections.ConfigDict, smoke_config: 
           pipeline_batches=0, with_first_stage=False, count_remat_warnings=False), say)
       if result is not None:
         row = result["results"][0]
+        estimated = tpu_estimates.lookup(estimates, chip, len(devices), dtype, batch_size)
+        estimated_ms = None if estimated is None else estimated["step_ms"]
         report["benchmark"].append({
             "compute_dtype": dtype, "batch_size": batch_size, "train_step_ms": row["train_step_ms"],
             "images_per_s": row["images_per_s"], "mfu": row["mfu"], "memory_bytes": row["memory_bytes"],
             "peak_device_memory_bytes": row["peak_device_memory_bytes"], "compile_s": row["compile_s"],
             "sample_steps": row["sample_steps"], "sample_ms_per_image": row["sample_ms_per_image"],
-            "encode_images_per_s": row["encode_images_per_s"], "peak_source": result["peak_source"]})
+            "encode_images_per_s": row["encode_images_per_s"], "peak_source": result["peak_source"],
+            "estimated_step_ms": estimated_ms,
+            "measured_over_estimated": None if not estimated_ms else row["train_step_ms"] / estimated_ms})
   report["ok"] = all(c["ok"] for c in report["checks"].values())
   return report
+
+
+def plan(benchmark_config: ml_collections.ConfigDict, *, chip: str | None, num_devices: int, platform: str,
+         batch_sizes: Sequence[int], dtypes: Sequence[str], train_steps: int, sample_steps: int,
+         estimates: list[dict[str, Any]], cache_dir: str | None) -> str:
+  """What run_device_check will compile and run, in order, with the packaged compile estimate of each train step
+  on this slice where there is one."""
+  num = benchmark.format_number
+  lines = [f"Plan on {num_devices} x {chip or platform} (config `{benchmark_config.name}`); compilation cache: "
+           f"{cache_dir or 'off'}.",
+           f"1. lower every function for {platform}",
+           f"2. smoke training, {train_steps} steps (compiles both smoke steps)"]
+  for dtype in dtypes:
+    for i, batch_size in enumerate(batch_sizes):
+      line = f"3. {benchmark_config.name} train step, {dtype}, batch {batch_size}: compile, 2 warm-up + timed steps"
+      if i == 0 and sample_steps:
+        line += f"; DDIM-{sample_steps} at batch {batch_size}"
+      row = tpu_estimates.lookup(estimates, chip, num_devices, dtype, batch_size)
+      if row is None:
+        line += "\n     no compile estimate for this slice (encdiff-compile --save_estimates makes one)"
+      elif not row["ok"]:
+        line += f"\n     the TPU compiler rejected it on the CPU host: {row['error']}"
+      else:
+        mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        line += (f"\n     estimate ({row['source']}): {num(row['step_ms'])} ms/step, "
+                 f"{num(row['images_per_s'], 1, 0)} img/s, MFU {mfu}, {num(row['bytes_per_device'], 1e9, 2)} GB per "
+                 f"chip ({'fits' if row['fits'] else 'DOES NOT FIT'}); compiled in {row['compile_s']:.0f} s on the "
+                 f"CPU host ({row['date']}: {row['command']})")
+      lines.append(line)
+  return "\n".join(lines)
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -111,16 +152,24 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines += [f"Smoke training: {smoke['steps']} steps in {smoke['wall_s']} s (compilation included), final loss "
               f"{smoke['loss']:.4f}, {smoke['images_per_s']:.0f} img/s at the last log point.", ""]
   num = benchmark.format_number
-  lines += ["| dtype | batch | step ms | img/s | MFU | memory GB (XLA plan) | peak GB | compile s | DDIM ms/img |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines += ["| dtype | batch | step ms | img/s | MFU | memory GB (XLA plan) | peak GB | compile s | DDIM ms/img | "
+            "estimated step ms (measured / estimated) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in report["benchmark"]:
     ddim = f"{num(r['sample_ms_per_image'], 1, 2)} ({r['sample_steps']} steps)" if r["sample_steps"] else "-"
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     lines.append(f"| {r['compute_dtype']} | {r['batch_size']} | {num(r['train_step_ms'])} | "
                  f"{num(r['images_per_s'], 1, 0)} | {mfu} | {num(r['memory_bytes'], 1e9, 2)} | "
-                 f"{num(r['peak_device_memory_bytes'], 1e9, 2)} | {num(r['compile_s'])} | {ddim} |")
+                 f"{num(r['peak_device_memory_bytes'], 1e9, 2)} | {num(r['compile_s'])} | {ddim} | "
+                 f"{_versus_estimate(r)} |")
   lines += ["", "| check | result | seconds |", "|---|---|---:|"]
   for name, c in report["checks"].items():
     outcome = "ok" if c["ok"] else "FAILED: " + c["error"].replace("|", "\\|")
     lines.append(f"| {name} | {outcome} | {c['seconds']} |")
   return "\n".join(lines) + "\n"
+
+
+def _versus_estimate(row: dict[str, Any]) -> str:
+  if row.get("estimated_step_ms") is None:
+    return "-"
+  return f"{row['estimated_step_ms']:.1f} ({row['measured_over_estimated']:.2f}x)"

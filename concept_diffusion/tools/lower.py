@@ -20,6 +20,7 @@ import ml_collections
 from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import first_line
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
+from concept_diffusion.tools import benchmark
 from concept_diffusion.train import diffusion_stage, first_stage
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -29,6 +30,10 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 class Target:
   name: str
   trace: Callable[[], Any]  # -> a jax.stages.Traced
+  images: int = 0  # images one call processes (a train step's batch, an encoder call, the sampled images)
+  # compiled -> what the compiled step communicates against the least it must (benchmark.communication); train
+  # steps of the diffusion stage only.
+  communication: Callable[[Any], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +60,26 @@ def targets(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[
                                        states.first_stage_state_shardings(config, mesh))
     fs_step = first_stage.make_train_step(config, mesh)
     out.append(Target("first_stage_train_step",
-                      lambda: fs_step.trace(fs_state, image(config.first_stage.batch_size), _key())))
+                      lambda: fs_step.trace(fs_state, image(config.first_stage.batch_size), _key()),
+                      images=config.first_stage.batch_size))
   if "diffusion" in config.stages:
     tx, step = diffusion_stage.step_for_config(config, model, mesh)
     state = parallel.with_shardings(states.abstract_state(model, tx),
                                     states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
+    sharded_ae = None if ae_params is None else parallel.with_shardings(
+        ae_params, parallel.state_shardings(ae_params, mesh, config.mesh.fsdp_min_size))
     out.append(Target("diffusion_train_step",
-                      lambda: step.trace(state, image(config.train.batch_size), ae_params, _key())))
+                      lambda: step.trace(state, image(config.train.batch_size), ae_params, _key()),
+                      images=config.train.batch_size,
+                      communication=lambda compiled: benchmark.communication(
+                          compiled, model, state, sharded_ae, image(config.train.batch_size), mesh)))
     v = EncDiffVariables(state.params, state.batch_stats, state.ema_unet, state.scale_factor)
-    out.append(Target("encode", lambda: jax.jit(model.encode).trace(v, image(config.eval.batch_size))))
+    out.append(Target("encode", lambda: jax.jit(model.encode).trace(v, image(config.eval.batch_size)),
+                      images=config.eval.batch_size))
     tokens = jax.ShapeDtypeStruct((config.sample.num_images, model.num_tokens, model.token_dim), jnp.float32)
     out.append(Target(f"ddim_sampler_{config.sample.ddim_steps}", lambda: EncDiff.sample_jit.trace(
-        model, v, ae_params, tokens, _key(), steps=config.sample.ddim_steps, eta=config.sample.eta)))
+        model, v, ae_params, tokens, _key(), steps=config.sample.ddim_steps, eta=config.sample.eta),
+        images=config.sample.num_images))
   return out
 
 
