@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from concept_diffusion import workdir as workdir_lib
+from concept_diffusion.errors import UserError
 
 
 class CheckpointError(ValueError):
@@ -156,7 +157,7 @@ class StageCheckpoints:
       if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
         data_state = {"next_index": state_step}
       if int(data_state.get("next_index", -1)) != state_step:
-        raise ValueError(f"its input-pipeline state {data_state} does not match its step {state_step}")
+        raise UserError(f"its input-pipeline state {data_state} does not match its step {state_step}")
       return state, data_state
 
     _, (state, data_state) = self._newest_readable(read, stage)

@@ -21,6 +21,7 @@ from concept_diffusion import parallel, workdir as workdir_lib
 from concept_diffusion.checkpoint import StageCheckpoints, restore_checkpoint
 from concept_diffusion.models import autoencoder
 from concept_diffusion.models.encdiff import EncDiff, build_model
+from concept_diffusion.errors import UserError
 
 Array = jax.Array
 PyTree = Any
@@ -50,10 +51,10 @@ def check_perceptual(fs: ml_collections.ConfigDict) -> None:
 def check_first_stage_kind(config: ml_collections.ConfigDict) -> str:
   kind = config.first_stage.kind
   if kind == "none":
-    raise ValueError("config.first_stage.kind='none' has no autoencoder to train: skip the first stage and run the "
+    raise UserError("config.first_stage.kind='none' has no autoencoder to train: skip the first stage and run the "
                      "diffusion stage in pixel space.")
   if kind not in autoencoder.FIRST_STAGE_KINDS:
-    raise ValueError(f"config.first_stage.kind={kind!r}: the trainer knows the losses of 'vq' and 'kl' only. Train "
+    raise UserError(f"config.first_stage.kind={kind!r}: the trainer knows the losses of 'vq' and 'kl' only. Train "
                      "this first stage elsewhere and give its workdir as first_stage.checkpoint, with 'first_stage' "
                      "left out of config.stages.")
   return kind
@@ -125,7 +126,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   """AdamW with torch's defaults (weight decay 0.01 in the official config), after clipping the gradient's global
   norm to train.grad_clip_norm when that is > 0 (official: no clipping)."""
   adamw = optax.adamw(lr_schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay)
-  clip = train_config.get("grad_clip_norm", 0.0)
+  clip = train_config.grad_clip_norm
   return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from concept_diffusion import config as config_lib
+from concept_diffusion.errors import UserError
 
 AE_DIR, DIFFUSION_DIR, BASELINE_DIR = "autoencoder", "diffusion", "baseline"
 FIGURES_DIR, EVAL_DIR, TENSORBOARD_DIR = "figures", "eval", "tensorboard"
@@ -318,7 +319,7 @@ def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, write
     diffs = config_lib.differing_fields(config, saved)
     if diffs:
       lines = "\n".join(f"  {k}: workdir has {old!r}, this run has {new!r}" for k, old, new in diffs[:20])
-      raise ValueError(
+      raise UserError(
           f"The workdir {workdir} holds a run with a different config:\n{lines}\n"
           "Use a new --workdir, or pass the workdir's values (see its config.json) to resume it.")
   if write:
@@ -326,14 +327,21 @@ def check_or_write_config(config: ml_collections.ConfigDict, workdir: str, write
 
 
 def _read_config_json(path: str) -> dict[str, Any]:
+  def invalid(reason: str) -> UserError:
+    return UserError(f"{path} is not a valid run config ({reason}). Restore it from a copy, or write it again: run "
+                     "encdiff-train with the run's --config on this --workdir.")
   try:
     saved = json.loads(read_text(path))
-    if not isinstance(saved, dict):
-      raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+  except ValueError as e:
+    raise invalid(f"{type(e).__name__}: {e}") from None
+  if not isinstance(saved, dict):
+    raise invalid(f"a JSON {type(saved).__name__}, not an object")
+  # Its extensions add fields to the schema: one that cannot be imported is named as such, not as a bad file.
+  config_lib.import_modules(saved.get("extensions", ()))
+  try:
     config_lib.config_from_dict(saved)  # every field it names must be in the schema
   except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ValueError(f"{path} is not a valid run config ({type(e).__name__}: {e}). Restore it from a copy, or "
-                     "write it again: run encdiff-train with the run's --config on this --workdir.") from None
+    raise invalid(f"{type(e).__name__}: {e}") from None
   return saved
 
 
@@ -343,9 +351,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a workdir written by encdiff-train?")
-  config = config_lib.config_from_dict(_read_config_json(path))
-  config_lib.import_extensions(config)
-  return config
+  return config_lib.config_from_dict(_read_config_json(path))
 
 
 class MetricWriter:

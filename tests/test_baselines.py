@@ -14,6 +14,7 @@ from concept_diffusion import parallel
 from concept_diffusion.baselines import losses, trainer
 from concept_diffusion.baselines.vae import GaussianVAE
 from concept_diffusion.config import validate_config
+from concept_diffusion.models.encdiff import build_model
 from concept_diffusion.workdir import check_or_write_config
 from configs import baseline_tcvae, baseline_vae, smoke
 from experiments import aggregate
@@ -139,7 +140,7 @@ def test_configs_validate_and_old_workdirs_still_resume(tmp_path):
   bad = _config()
   bad.unet.conditioning = "film"
   with pytest.raises(ValueError, match="unet.conditioning"):
-    validate_config(bad)
+    build_model(bad)
   # A config.json written before the baseline/conditioning fields existed describes the same (default) run.
   config = smoke.get_config()
   check_or_write_config(config, str(tmp_path))

@@ -30,6 +30,7 @@ from concept_diffusion.train import jit_step, trainer
 from concept_diffusion.train.loop import run_loop
 from concept_diffusion.workdir import (BASELINE_DIR, MetricWriter, check_or_write_config, eval_path, exists,
                                        figure_path, read_metrics, workdir_lock)
+from concept_diffusion.errors import UserError
 
 STAGE = "baseline"
 
@@ -125,7 +126,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
 def _train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineState:
   validate_config(config)
   if not config.baseline.kind:
-    raise ValueError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
+    raise UserError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
   is_main = jax.process_index() == 0
   with workdir_lock(workdir, enabled=is_main):
     return _train_baseline_locked(config, workdir, is_main)

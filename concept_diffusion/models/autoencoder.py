@@ -405,7 +405,7 @@ def build_first_stage(fs_config: ml_collections.ConfigDict,
               embed_dim=fs_config.embed_dim, out_ch=image_channels, dropout=fs_config.dropout,
               norm_groups=fs_config.norm_groups)
   if kind == "vq":
-    return VQModel(n_embed=fs_config.n_embed, beta=fs_config.beta, legacy=fs_config.get("vq_legacy", True), **arch)
+    return VQModel(n_embed=fs_config.n_embed, beta=fs_config.beta, legacy=fs_config.vq_legacy, **arch)
   return AutoencoderKL(**arch)
 
 

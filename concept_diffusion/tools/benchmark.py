@@ -34,6 +34,7 @@ from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_mo
 from concept_diffusion import hardware, perf
 from concept_diffusion.tools import collectives, profiling
 from concept_diffusion.train import diffusion_stage, first_stage, trainer
+from concept_diffusion.errors import UserError
 
 
 def make_batches(config, dataset, batch_size: int, mesh) -> Any:
@@ -262,7 +263,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   for batch_size in batch_sizes:  # all checked before the first (slow) measurement
     perf.check_batch_divides(batch_size, len(devices))
   if steps < 1 or warmup < 0:
-    raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.")
+    raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.")
   dtype = compute_dtype_name(config)  # "auto" resolved for these devices
   peak, peak_source = perf.device_peak_flops(devices[0], dtype)
   peaks = [peak]

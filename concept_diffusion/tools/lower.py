@@ -21,6 +21,7 @@ from concept_diffusion import parallel, states
 from concept_diffusion.checkpoint import first_line
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
 from concept_diffusion.train import diffusion_stage, first_stage
+from concept_diffusion.errors import UserError
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -88,7 +89,7 @@ def lower_all(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """One Result per (target, platform); a failure is recorded with its first error line, never raised."""
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown:
-    raise ValueError(f"--platforms: unknown {unknown}; known: {', '.join(PLATFORMS)}.")
+    raise UserError(f"--platforms: unknown {unknown}; known: {', '.join(PLATFORMS)}.")
   results = []
   for group in ([p for p in platforms if p == "cpu"], [p for p in platforms if p != "cpu"]):
     if not group:

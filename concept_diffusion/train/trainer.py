@@ -187,12 +187,13 @@ def prng_context():
 
 def _train(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks) -> states.DiffusionState | None:
   validate_config(config)
+  model = build_model(config)  # checks the names the config gives (encoder, conditioning, ...) before any work
   is_main = jax.process_index() == 0
   with workdir_lock(workdir, enabled=is_main):
-    return _train_locked(config, workdir, hooks, is_main)
+    return _train_locked(config, workdir, model, hooks, is_main)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, model: EncDiff, hooks: Hooks,
                   is_main: bool) -> states.DiffusionState | None:
   check_or_write_config(config, workdir, write=is_main)
   dataset = data_lib.get_dataset(config.data)
@@ -201,7 +202,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
        f"{jax.process_count()} process(es)")
   writer = MetricWriter(workdir, enabled=is_main)
   rng = jax.random.PRNGKey(config.seed)
-  model = build_model(config)
   ae_params = _first_stage_params(config, workdir, dataset, writer, jax.random.fold_in(rng, 10), mesh)
   state, trained = None, True
   if "diffusion" in config.stages:
