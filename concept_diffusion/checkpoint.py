@@ -24,8 +24,8 @@ from typing import Any, Callable
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
-from tqdm import tqdm
 
+from concept_diffusion import parallel
 from concept_diffusion import workdir as workdir_lib
 from concept_diffusion.errors import UserError
 
@@ -71,11 +71,6 @@ def quiet_closed_event_loop_errors() -> None:
 
   unraisable_hook.quiet_closed_loop = True
   sys.unraisablehook, sys.excepthook = unraisable_hook, excepthook
-
-
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    tqdm.write(message, file=sys.stderr)  # tqdm.write keeps any progress bar intact
 
 
 def _abstract(leaf: Any) -> Any:
@@ -233,8 +228,8 @@ class StageCheckpoints:
     for step, line in failed:
       fate = (f"moved it to {moved[step]} so that step {step} can be saved again" if step in moved
               else "left it in place")
-      _say(f"warning: {prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {line}; {fate}. "
-           f"Using step {good}, the newest readable one.")
+      parallel.say(f"warning: {prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {line}; {fate}. "
+                   f"Using step {good}, the newest readable one.", stream=sys.stderr)
 
   def _move_aside(self, step: int) -> str:
     path = self._step_path(step)

@@ -11,11 +11,13 @@ import contextlib
 import functools
 import math
 import os
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Callable, Iterator, TextIO
 
 from absl import logging
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from concept_diffusion.errors import UserError
@@ -120,8 +122,8 @@ def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def state_shardings(tree: Any, mesh: Mesh, min_size: int) -> Any:
-  """NamedShardings for a (concrete or abstract) train-state pytree by `param_spec`."""
+def fsdp_shardings(tree: Any, mesh: Mesh, min_size: int) -> Any:
+  """NamedShardings for every leaf of a (concrete or abstract) pytree by the FSDP rule, `param_spec`."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), fsdp, min_size)), tree)
 
@@ -151,6 +153,12 @@ def fetch_to_host(tree: Any, mesh: Mesh) -> Any:
   if jax.process_count() > 1:
     tree = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
   return jax.device_get(tree)
+
+
+def say(message: str, stream: TextIO | None = None) -> None:
+  """Prints `message` once per job (process 0), above any progress bar (tqdm.write keeps the bar intact)."""
+  if jax.process_index() == 0:
+    tqdm.write(message, file=stream or sys.stdout)
 
 
 def on_main_host(fn: Callable[[int, Any], None], mesh: Mesh) -> Callable[[int, Any], None]:

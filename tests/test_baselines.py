@@ -114,7 +114,7 @@ def test_resume_gives_the_same_parameters_and_the_run_is_evaluated(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  dataset, values = aggregate.load_run(resumed_dir)  # what experiments/aggregate.py reads
+  dataset, values = aggregate.final_scores(resumed_dir)  # what experiments/aggregate.py reads
   assert dataset == "tiny_blocks" and 0.0 <= values["factor_vae.eval_accuracy"] <= 1.0
   assert np.load(os.path.join(resumed_dir, "eval", "codes_6.npy")).shape == (60, config.baseline.latent_dim)
   with open(os.path.join(resumed_dir, "metrics.jsonl")) as f:

@@ -82,12 +82,12 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any) -> optax.OptSt
 
 
 def fresh_optimizer_state(config: ml_collections.ConfigDict, params: Any, step: int) -> optax.OptState:
-  """make_optimizer(...).init(params) with the learning-rate schedule's count moved to `step`.
+  """The diffusion optimiser's initial state for `params`, with the learning-rate schedule's count moved to `step`.
 
   Only the schedule's counter moves: Adam's own count stays 0 so that its bias correction matches its zero
   moments, while the learning rate continues where the official run was instead of warming up again.
   """
-  opt_state = init_optimizer(states.make_optimizer(config.train, states.learning_rate_schedule(config.train)), params)
+  opt_state = init_optimizer(states.diffusion_optimizer(config.train)[0], params)
   is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
 
   def move(s):

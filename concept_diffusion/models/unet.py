@@ -93,7 +93,7 @@ class UNet(nn.Module):
     x = space_to_depth(x, self.patch_size)
     h = parallel.shard_batch(conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype,
                                   impl=self.conv_impl)(parallel.shard_batch(x.astype(self.dtype))))
-    skips, chans = [h], [self.model_channels]
+    skips = [h]
     ch, ds, block = self.model_channels, 1, 1
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
@@ -102,7 +102,6 @@ class UNet(nn.Module):
         if ds in self.attention_resolutions:
           h = self._attn(ch, f"input_blocks_{block}_1")(h, context, train)
         skips.append(h)
-        chans.append(ch)
         block += 1
       if level != len(self.channel_mult) - 1:
         if self.resblock_updown:
@@ -111,7 +110,6 @@ class UNet(nn.Module):
           h = conv(ch, 3, f"input_blocks_{block}_0_op", strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
                    impl=self.conv_impl)(h)
         skips.append(h)
-        chans.append(ch)
         block += 1
         ds *= 2
 
@@ -123,7 +121,6 @@ class UNet(nn.Module):
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = parallel.shard_batch(jnp.concatenate([h, skips.pop()], axis=-1))
-        chans.pop()
         ch = mult * self.model_channels
         h = self._res(ch, f"output_blocks_{block}_0")(h, emb, train, cond)
         sub = 1

@@ -2,6 +2,7 @@
 user's errors, the persistent compilation cache."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 from concept_diffusion import checkpoint, interrupts, workdir
+from concept_diffusion import config as config_lib
 from concept_diffusion.errors import UserError
 
 # Errors that are the user's to fix: the project's own (a bad value, a missing file, a busy workdir, an unreadable
@@ -82,8 +84,6 @@ def import_extensions_named_in(argv: Sequence[str]) -> None:
   """Imports the modules of `--config.extensions=...` before the flags are parsed: what they register adds its
   fields to the schema (config.add_extension_fields), and `--config.encoder.<name>.<field>=...` overrides need
   those fields to exist when config_flags applies them."""
-  import ast  # pylint: disable=g-import-not-at-top
-  from concept_diffusion import config as config_lib  # pylint: disable=g-import-not-at-top
   for i, arg in enumerate(argv):
     value = arg[len("--config.extensions="):] if arg.startswith("--config.extensions=") else (
         argv[i + 1] if arg == "--config.extensions" and i + 1 < len(argv) else None)

@@ -60,7 +60,7 @@ def targets(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[
   if "diffusion" in config.stages:
     tx, step = diffusion_stage.step_for_config(config, model, mesh)
     state = parallel.with_shardings(states.abstract_state(model, tx),
-                                    states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
+                                    states.diffusion_state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
     out.append(Target("diffusion_train_step",
                       lambda: step.trace(state, image(config.train.batch_size), ae_params, _key())))
     v = EncDiffVariables(state.params, state.batch_stats, state.ema_unet, state.scale_factor)
