@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from concept_diffusion.evaluation.records import eval_history, token_factor_matrix
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
-from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_history, eval_path, eval_steps, figure_path,
-                                       load_npy, read_metrics, token_factor_matrix)
+from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_path, eval_steps, figure_path, load_npy,
+                                       read_metrics)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -151,7 +152,7 @@ def plot_metric_history(history: Sequence[dict], path: str) -> None:
 
 def token_labels(num_tokens: int, evaluation: dict | None) -> list[str]:
   """'token k' plus the factor it explains most (DCI importance, else MIG's mutual information; see
-  workdir.token_factor_matrix); '(uninformative)' when its total is below 5% of the most informative token's."""
+  records.token_factor_matrix); '(uninformative)' when its total is below 5% of the most informative token's."""
   labels = [f"token {k}" for k in range(num_tokens)]
   importance, _ = token_factor_matrix(evaluation)
   if importance is None:

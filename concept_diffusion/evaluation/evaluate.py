@@ -13,8 +13,8 @@ from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.metrics import evaluate_codes
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
-from concept_diffusion.workdir import (EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, token_factor_matrix,
-                                       write_json)
+from concept_diffusion.evaluation.records import token_factor_matrix
+from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, write_json
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]
