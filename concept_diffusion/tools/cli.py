@@ -72,12 +72,17 @@ def run(main: Callable) -> None:
     sys.exit(e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
     parsing = not flags.FLAGS.is_parsed()
-    if not (isinstance(e, USER_ERRORS) or (parsing and isinstance(e, OVERRIDE_ERRORS))):
+    if not (isinstance(e, USER_ERRORS) or (parsing and isinstance(e, OVERRIDE_ERRORS)) or _disk_full(e)):
       raise
     if _verbose_env() or (not parsing and flags.FLAGS.verbose) or "--verbose" in sys.argv:
       raise
     print(f"error: {error_line(e, parsing)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _disk_full(e: BaseException) -> bool:
+  """TensorStore (Orbax's arrays) reports a full disk as a ValueError, not an OSError."""
+  return isinstance(e, ValueError) and ("No space left on device" in str(e) or "os_error_code='28'" in str(e))
 
 
 def import_extensions_named_in(argv: Sequence[str]) -> None:
