@@ -24,9 +24,10 @@ from typing import Any, Callable
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
-from tqdm import tqdm
 
+from concept_diffusion import parallel
 from concept_diffusion import workdir as workdir_lib
+from concept_diffusion.errors import UserError
 
 
 class CheckpointError(ValueError):
@@ -70,11 +71,6 @@ def quiet_closed_event_loop_errors() -> None:
 
   unraisable_hook.quiet_closed_loop = True
   sys.unraisablehook, sys.excepthook = unraisable_hook, excepthook
-
-
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    tqdm.write(message, file=sys.stderr)  # tqdm.write keeps any progress bar intact
 
 
 def _abstract(leaf: Any) -> Any:
@@ -156,7 +152,7 @@ class StageCheckpoints:
       if data_state is None:  # e.g. an imported checkpoint: the batch order is a function of the step
         data_state = {"next_index": state_step}
       if int(data_state.get("next_index", -1)) != state_step:
-        raise ValueError(f"its input-pipeline state {data_state} does not match its step {state_step}")
+        raise UserError(f"its input-pipeline state {data_state} does not match its step {state_step}")
       return state, data_state
 
     _, (state, data_state) = self._newest_readable(read, stage)
@@ -232,8 +228,8 @@ class StageCheckpoints:
     for step, line in failed:
       fate = (f"moved it to {moved[step]} so that step {step} can be saved again" if step in moved
               else "left it in place")
-      _say(f"warning: {prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {line}; {fate}. "
-           f"Using step {good}, the newest readable one.")
+      parallel.say(f"warning: {prefix}cannot read checkpoint step {step} ({self._step_path(step)}): {line}; {fate}. "
+                   f"Using step {good}, the newest readable one.", stream=sys.stderr)
 
   def _move_aside(self, step: int) -> str:
     path = self._step_path(step)

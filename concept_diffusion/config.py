@@ -13,12 +13,42 @@ from typing import Any
 
 import ml_collections
 
-from concept_diffusion.diffusion import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, SPACINGS, TIMESTEP_SAMPLINGS
-from concept_diffusion.models import encdiff
-from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
+from concept_diffusion.errors import UserError
+
+# The sections an extension's fields go into: an encoder registered as "vit" gets config.encoder.vit.*, a first
+# stage config.first_stage.<name>.*, a conditioning config.unet.<name>.* (beside the field that picks it:
+# encoder.kind, first_stage.kind, unet.conditioning).
+EXTENSION_SECTIONS = ("encoder", "first_stage", "unet")
+# (section, name) -> the extension's fields at their defaults, added by models/encdiff.py's register_* calls.
+_EXTENSION_FIELDS: dict[tuple[str, str], ml_collections.ConfigDict] = {}
+
+
+def add_extension_fields(section: str, name: str, defaults: ml_collections.ConfigDict | dict) -> None:
+  """Gives every config made from now on the fields `config.<section>.<name>.*` at `defaults`: overridable on the
+  command line (--config.<section>.<name>.<field>=...), saved in config.json and checked on resume like any other
+  field. Called by the register_* functions; the module that calls them goes in config.extensions."""
+  if section not in EXTENSION_SECTIONS:
+    raise ValueError(f"extension fields go into one of {EXTENSION_SECTIONS}, not {section!r}.")
+  if name in _core_config()[section]:
+    raise ValueError(f"{section}.{name} is already a config field; register the extension under another name.")
+  _EXTENSION_FIELDS[(section, name)] = ml_collections.ConfigDict(dict(defaults))
+
+
+def _add_missing_extension_fields(config: ml_collections.ConfigDict) -> None:
+  with config.unlocked():  # a config from config_flags is locked against new fields
+    for (section, name), defaults in _EXTENSION_FIELDS.items():
+      if name not in config[section]:
+        config[section][name] = ml_collections.ConfigDict(defaults.to_dict())
 
 
 def get_base_config() -> ml_collections.ConfigDict:
+  """Every field, at its default: the built-in schema plus the fields of the extensions registered so far."""
+  config = _core_config()
+  _add_missing_extension_fields(config)
+  return config
+
+
+def _core_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "procedural_shapes"
   config.seed = 23  # official main_val.py --seed default
@@ -307,14 +337,14 @@ def _unit(v): return 0 <= v <= 1
 
 NUMERIC_DOMAINS = (
     (("train.lr", "first_stage.lr", "baseline.lr", "baseline.eps", "encoder.bn_eps", "diffusion.linear_start",
-      "diffusion.linear_end"), _positive, "> 0"),
+      "diffusion.linear_end", "diffusion.timestep_logit_std"), _positive, "> 0"),
     (("train.num_steps", "first_stage.num_steps", "baseline.num_steps", "train.warmup_steps", "train.weight_decay",
       "train.grad_clip_norm", "first_stage.beta",
       "first_stage.kl_weight", "first_stage.pixel_weight", "first_stage.perceptual_weight",
       "first_stage.codebook_weight", "first_stage.disc_start", "first_stage.disc_weight", "first_stage.disc_factor",
       "diffusion.cosine_s", "sample.eta", "sample.min_alpha_bar", "eval.generation_ddim_steps", "eval.every",
-      "eval.seed", "train.figure_every", "data.loader_threads",
-      "data.prefetch_batches", "mesh.fsdp_min_size", "first_stage.disc_layers"),
+      "eval.seed", "train.figure_every", "data.loader_threads", "data.prefetch_batches", "mesh.fsdp_min_size",
+      "first_stage.disc_layers", "baseline.beta", "eval.token_reliance_images"),
      _non_negative, ">= 0 (train.num_steps=0 scores the untrained model; eval.every/train.figure_every=0: off)"),
     (("train.log_every", "train.checkpoint_every", "first_stage.log_every", "first_stage.checkpoint_every",
       "baseline.log_every", "baseline.checkpoint_every", "train.keep_checkpoints", "train.batch_size",
@@ -324,7 +354,8 @@ NUMERIC_DOMAINS = (
       "encoder.width", "unet.model_channels", "unet.num_heads", "unet.transformer_depth", "unet.norm_groups",
       "unet.num_res_blocks", "first_stage.ch", "first_stage.num_res_blocks", "first_stage.z_channels",
       "first_stage.embed_dim", "first_stage.n_embed", "first_stage.norm_groups", "first_stage.disc_ndf",
-      "baseline.latent_dim", "mesh.fsdp", "data.supersample", "unet.patch_size"), _at_least_one, ">= 1"),
+      "baseline.latent_dim", "mesh.fsdp", "data.supersample", "unet.patch_size", "eval.token_reliance_bands",
+      "diffusion.loss_weight_max"), _at_least_one, ">= 1"),
     (("unet.dropout", "first_stage.dropout", "encoder.bn_momentum", "first_stage.b1", "first_stage.b2",
       "baseline.b1", "baseline.b2"), _fraction, "in [0, 1)"),
     (("train.ema_decay", "diffusion.linear_end"), _unit, "in [0, 1]"),
@@ -337,7 +368,7 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
     for field in fields:
       value = values.get(field)
       if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value)):
-        raise ValueError(f"Invalid config: {field}={value!r}; it must be {domain} (default {defaults[field]!r}).")
+        raise UserError(f"Invalid config: {field}={value!r}; it must be {domain} (default {defaults[field]!r}).")
   checks = [
       (config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data must be -1 (all devices fsdp leaves) or >= 1"),
       (config.sample.ddim_steps <= config.diffusion.timesteps,
@@ -354,7 +385,7 @@ def _check_domains(config: ml_collections.ConfigDict) -> None:
   ]
   for ok, message in checks:
     if not ok:
-      raise ValueError(f"Invalid config: {message}.")
+      raise UserError(f"Invalid config: {message}.")
 
 
 # evaluation.metrics.ALL_METRICS, named here so that checking a config does not import sklearn (tests/test_metrics.py
@@ -373,53 +404,33 @@ def _metric_names_check(config: ml_collections.ConfigDict, field: str) -> tuple[
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """One clear ValueError for a field the schema does not know or a value no code path accepts."""
+  """One clear UserError for a field the schema does not know or a value outside its domain.
+
+  Names that the code defines (registered encoders, conditionings and first stages, schedules, kernels) are
+  checked where they are defined, by models/encdiff.py's build_model, so that this module imports no model code.
+  """
   import_extensions(config)
   known = _flatten(config_to_dict(get_base_config()))
   for key in _flatten(config_to_dict(config)):
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"Unknown config field {key!r}.{hint} The schema is concept_diffusion/config.py.")
+      raise UserError(f"Unknown config field {key!r}.{hint} The schema is concept_diffusion/config.py.")
   _check_domains(config)
   checks = [
-      (config.first_stage.kind in encdiff.FIRST_STAGES,
-       f"first_stage.kind must be a registered first stage, one of {sorted(encdiff.FIRST_STAGES)}"),
-      (config.encoder.kind in encdiff.ENCODERS,
-       f"encoder.kind must be a registered encoder, one of {sorted(encdiff.ENCODERS)}"),
-      (config.diffusion.beta_schedule in SCHEDULES, f"diffusion.beta_schedule must be one of {SCHEDULES}"),
       (config.diffusion.loss in ("l1", "l2"), "diffusion.loss must be 'l1' or 'l2'"),
+      (config.diffusion.objective in ("eps", "one_shot"), "diffusion.objective must be 'eps' or 'one_shot'"),
       (config.eval.generation_tokens in ("informative", "per_factor", "all"),
        "eval.generation_tokens must be 'informative', 'per_factor' or 'all'"),
-      (config.diffusion.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}"),
       (config.sample.clip_x0 in ("auto", "on", "off"), "sample.clip_x0 must be 'auto', 'on' or 'off'"),
-      (config.sample.timestep_spacing in SPACINGS, f"sample.timestep_spacing must be one of {SPACINGS}"),
       (config.sample.min_alpha_bar < 0.5, "sample.min_alpha_bar must be < 0.5 (a floor near alpha_bar_T, e.g. 1e-4)"),
-      (config.diffusion.get("objective", "eps") in ("eps", "one_shot"),
-       "diffusion.objective must be 'eps' or 'one_shot'"),
-      (config.diffusion.get("timestep_sampling", "uniform") in TIMESTEP_SAMPLINGS,
-       f"diffusion.timestep_sampling must be one of {TIMESTEP_SAMPLINGS}"),
-      (config.diffusion.get("timestep_logit_std", 1.0) > 0, "diffusion.timestep_logit_std must be > 0"),
-      (config.diffusion.loss_weighting in LOSS_WEIGHTINGS,
-       f"diffusion.loss_weighting must be one of {LOSS_WEIGHTINGS}"),
-      (config.diffusion.loss_weight_max >= 1, "diffusion.loss_weight_max must be >= 1"),
-      (config.eval.get("token_reliance_images", 0) >= 0 and config.eval.get("token_reliance_bands", 5) >= 1,
-       "eval.token_reliance_images must be >= 0 (0 = off) and eval.token_reliance_bands >= 1"),
       (config.train.compute_dtype in ("float32", "bfloat16", "auto"),
        "train.compute_dtype must be float32, bfloat16 or auto"),
       (config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
       (set(config.stages) <= {"first_stage", "diffusion"} and len(config.stages) > 0,
        "stages must be a non-empty subset of ('first_stage', 'diffusion')"),
-      (config.train.batch_size > 0 and config.first_stage.batch_size > 0, "batch sizes must be positive"),
-      (config.encoder.num_tokens > 0 and config.encoder.token_dim > 0, "encoder.num_tokens/token_dim must be > 0"),
-      (config.unet.conditioning in encdiff.CONDITIONINGS,
-       f"unet.conditioning must be a registered conditioning, one of {sorted(encdiff.CONDITIONINGS)}"),
-      (config.unet.conv_impl in CONV_IMPLS, f"unet.conv_impl must be one of {CONV_IMPLS}"),
-      (config.unet.attention_impl in ATTENTION_IMPLS, f"unet.attention_impl must be one of {ATTENTION_IMPLS}"),
       (config.baseline.kind in ("", "beta_vae", "beta_tcvae"), "baseline.kind must be '', 'beta_vae' or "
        "'beta_tcvae'"),
-      (config.baseline.batch_size > 0 and config.baseline.latent_dim > 0 and config.baseline.beta >= 0,
-       "baseline.batch_size and baseline.latent_dim must be > 0 and baseline.beta >= 0"),
       # The disentanglement_lib encoder halves the image four times and its decoder doubles it back.
       (not config.baseline.kind or config.data.image_size % 16 == 0,
        "a baseline needs data.image_size divisible by 16 (four stride-2 convolutions)"),
@@ -427,22 +438,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ]
   for ok, message in checks:
     if not ok:
-      raise ValueError(f"Invalid config: {message}.")
+      raise UserError(f"Invalid config: {message}.")
   for section, groups, widths in (("unet", config.unet.norm_groups, [config.unet.model_channels * m
                                                                       for m in config.unet.channel_mult]),
                                   ("first_stage", config.first_stage.norm_groups,
                                    [config.first_stage.ch * m for m in config.first_stage.ch_mult])):
     bad = [w for w in widths if w % groups]
     if bad:
-      raise ValueError(f"Invalid config: {section}.norm_groups={groups} does not divide channel widths {bad}.")
+      raise UserError(f"Invalid config: {section}.norm_groups={groups} does not divide channel widths {bad}.")
   if config.first_stage.kind in ("vq", "kl"):
     factor = 2 ** (len(config.first_stage.ch_mult) - 1)
     if config.data.image_size % factor:
-      raise ValueError(f"Invalid config: data.image_size={config.data.image_size} is not divisible by the first "
+      raise UserError(f"Invalid config: data.image_size={config.data.image_size} is not divisible by the first "
                        f"stage's downsampling factor {factor} (first_stage.ch_mult={tuple(config.first_stage.ch_mult)}).")
   for mult in config.unet.channel_mult:
     if (mult * config.unet.model_channels) % config.unet.num_heads:
-      raise ValueError(f"Invalid config: unet.num_heads={config.unet.num_heads} does not divide "
+      raise UserError(f"Invalid config: unet.num_heads={config.unet.num_heads} does not divide "
                        f"{mult * config.unet.model_channels} channels.")
 
 
@@ -450,26 +461,39 @@ def _is_resumable(key: str) -> bool:
   return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUMABLE_FIELDS)
 
 def import_extensions(config: ml_collections.ConfigDict) -> None:
-  """Imports config.extensions (modules that register encoders, conditionings or first stages)."""
-  for name in config.get("extensions", ()):
+  """Imports config.extensions (modules that register encoders, conditionings or first stages) and gives `config`
+  the fields of what they registered, at their defaults, where it lacks them (a config made before the import)."""
+  import_modules(config.extensions)
+  _add_missing_extension_fields(config)
+
+
+def import_modules(names) -> None:
+  """Imports each module named in a config's `extensions`."""
+  for name in names:
     try:
       importlib.import_module(name)
     except ImportError as e:
-      raise ValueError(f"config.extensions names {name!r}, which cannot be imported ({e}). Install the package "
+      raise UserError(f"config.extensions names {name!r}, which cannot be imported ({e}). Install the package "
                        "that provides it or put its directory on PYTHONPATH.") from e
 
 
 def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A full config from a (possibly older, partial) saved dict: fields it lacks keep their defaults."""
+  """A full config from a (possibly older, partial) saved dict: fields it lacks keep their defaults. Imports the
+  extensions it names first, so that their fields are in the schema."""
+  import_modules(values.get("extensions", ()))
   config = get_base_config()
   _update(config, values)
   return config
 
 
-def _update(config: ml_collections.ConfigDict, values: dict) -> None:
+def _update(config: ml_collections.ConfigDict, values: dict, section: str = "") -> None:
   for key, value in values.items():
-    if isinstance(value, dict):
-      _update(config[key], value)
+    if isinstance(value, dict) and key not in config and section in EXTENSION_SECTIONS:
+      # The fields of an extension this process has not registered (the run that wrote them had it imported
+      # without naming it in config.extensions): kept as they are, so that the config still reads and compares.
+      config[key] = ml_collections.ConfigDict(value)
+    elif isinstance(value, dict):
+      _update(config[key], value, key if not section else f"{section}.{key}")
     else:
       config[key] = tuple(value) if isinstance(value, list) else value
 

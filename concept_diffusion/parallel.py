@@ -11,12 +11,16 @@ import contextlib
 import functools
 import math
 import os
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Callable, Iterator, TextIO
 
 from absl import logging
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from concept_diffusion.errors import UserError
 
 DATA_AXES = ("data", "fsdp")  # the batch is split over both axes
 
@@ -25,18 +29,18 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int]:
   """(data, fsdp) with one -1 resolved to the remaining devices; a clear error when they do not fit."""
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if data == -1 and fsdp == -1:
-    raise ValueError("mesh.data and mesh.fsdp cannot both be -1; set one of them (e.g. --config.mesh.fsdp=1).")
+    raise UserError("mesh.data and mesh.fsdp cannot both be -1; set one of them (e.g. --config.mesh.fsdp=1).")
   for name, size in (("data", data), ("fsdp", fsdp)):
     if size != -1 and size < 1:
-      raise ValueError(f"mesh.{name}={size}: must be a positive number of devices or -1 (the rest).")
+      raise UserError(f"mesh.{name}={size}: must be a positive number of devices or -1 (the rest).")
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices cannot be split into groups of {known} "
+      raise UserError(f"mesh: {num_devices} devices cannot be split into groups of {known} "
                        f"(mesh.data={data}, mesh.fsdp={fsdp}).")
     data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
   if data * fsdp != num_devices:
-    raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp}, but JAX sees {num_devices} devices; "
+    raise UserError(f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp}, but JAX sees {num_devices} devices; "
                      "use -1 for one axis to take the rest.")
   return data, fsdp
 
@@ -99,10 +103,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
   devices, processes = mesh.size, jax.process_count()
   if batch_size % devices:
-    raise ValueError(f"{what}={batch_size} does not divide over the mesh's {devices} devices "
+    raise UserError(f"{what}={batch_size} does not divide over the mesh's {devices} devices "
                      f"{dict(mesh.shape)}; use a multiple of {devices}.")
   if batch_size % processes:
-    raise ValueError(f"{what}={batch_size} does not divide over {processes} processes; use a multiple of "
+    raise UserError(f"{what}={batch_size} does not divide over {processes} processes; use a multiple of "
                      f"{processes}.")
 
 
@@ -118,8 +122,8 @@ def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def state_shardings(tree: Any, mesh: Mesh, min_size: int) -> Any:
-  """NamedShardings for a (concrete or abstract) train-state pytree by `param_spec`."""
+def fsdp_shardings(tree: Any, mesh: Mesh, min_size: int) -> Any:
+  """NamedShardings for every leaf of a (concrete or abstract) pytree by the FSDP rule, `param_spec`."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), fsdp, min_size)), tree)
 
@@ -149,6 +153,12 @@ def fetch_to_host(tree: Any, mesh: Mesh) -> Any:
   if jax.process_count() > 1:
     tree = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
   return jax.device_get(tree)
+
+
+def say(message: str, stream: TextIO | None = None) -> None:
+  """Prints `message` once per job (process 0), above any progress bar (tqdm.write keeps the bar intact)."""
+  if jax.process_index() == 0:
+    tqdm.write(message, file=stream or sys.stdout)
 
 
 def on_main_host(fn: Callable[[int, Any], None], mesh: Mesh) -> Callable[[int, Any], None]:
@@ -183,7 +193,7 @@ def maybe_initialize_distributed(dist_config: Any) -> bool:
   """
   mode = dist_config.initialize
   if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}.")
+    raise UserError(f"distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}.")
   explicit = bool(dist_config.coordinator_address)
   reason = "the config sets distributed.coordinator_address" if explicit else _env_requests_distributed()
   if mode == "no" or (mode == "auto" and reason is None):
@@ -191,7 +201,7 @@ def maybe_initialize_distributed(dist_config: Any) -> bool:
   kwargs = {}
   if explicit:
     if dist_config.num_processes < 1 or dist_config.process_id < 0:
-      raise ValueError("distributed.coordinator_address is set: also set distributed.num_processes (>= 1) and "
+      raise UserError("distributed.coordinator_address is set: also set distributed.num_processes (>= 1) and "
                        "distributed.process_id (0-based) for this process.")
     kwargs = dict(coordinator_address=dist_config.coordinator_address, num_processes=dist_config.num_processes,
                   process_id=dist_config.process_id)

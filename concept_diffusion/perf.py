@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from concept_diffusion.errors import UserError
+
 # Published dense (no structured sparsity) peak FLOP/s per chip, keyed by a substring of `device.device_kind`;
 # the first match wins, so more specific names come first. Sources:
 #   TPU: Cloud TPU system architecture pages, https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e
@@ -139,9 +141,9 @@ def mfu(flops_per_step: float | None, step_seconds: float, peak_flops: float | N
 
 def check_batch_divides(batch_size: int, num_devices: int) -> None:
   if batch_size < 1:
-    raise ValueError(f"batch size must be >= 1, got {batch_size}.")
+    raise UserError(f"batch size must be >= 1, got {batch_size}.")
   if batch_size % num_devices:
-    raise ValueError(f"batch size {batch_size} does not divide over the {num_devices} devices JAX sees; use a "
+    raise UserError(f"batch size {batch_size} does not divide over the {num_devices} devices JAX sees; use a "
                      f"multiple of {num_devices} (or limit the devices, e.g. CUDA_VISIBLE_DEVICES).")
 
 

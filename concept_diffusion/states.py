@@ -21,6 +21,7 @@ from concept_diffusion import parallel, workdir as workdir_lib
 from concept_diffusion.checkpoint import StageCheckpoints, restore_checkpoint
 from concept_diffusion.models import autoencoder
 from concept_diffusion.models.encdiff import EncDiff, build_model
+from concept_diffusion.errors import UserError
 
 Array = jax.Array
 PyTree = Any
@@ -50,10 +51,10 @@ def check_perceptual(fs: ml_collections.ConfigDict) -> None:
 def check_first_stage_kind(config: ml_collections.ConfigDict) -> str:
   kind = config.first_stage.kind
   if kind == "none":
-    raise ValueError("config.first_stage.kind='none' has no autoencoder to train: skip the first stage and run the "
+    raise UserError("config.first_stage.kind='none' has no autoencoder to train: skip the first stage and run the "
                      "diffusion stage in pixel space.")
   if kind not in autoencoder.FIRST_STAGE_KINDS:
-    raise ValueError(f"config.first_stage.kind={kind!r}: the trainer knows the losses of 'vq' and 'kl' only. Train "
+    raise UserError(f"config.first_stage.kind={kind!r}: the trainer knows the losses of 'vq' and 'kl' only. Train "
                      "this first stage elsewhere and give its workdir as first_stage.checkpoint, with 'first_stage' "
                      "left out of config.stages.")
   return kind
@@ -101,7 +102,7 @@ def abstract_first_stage_state(config: ml_collections.ConfigDict) -> FirstStageS
 
 
 def first_stage_state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> FirstStageState:
-  return parallel.state_shardings(abstract_first_stage_state(config), mesh, config.mesh.fsdp_min_size)
+  return parallel.fsdp_shardings(abstract_first_stage_state(config), mesh, config.mesh.fsdp_min_size)
 
 
 @flax.struct.dataclass
@@ -125,14 +126,21 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   """AdamW with torch's defaults (weight decay 0.01 in the official config), after clipping the gradient's global
   norm to train.grad_clip_norm when that is > 0 (official: no clipping)."""
   adamw = optax.adamw(lr_schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay)
-  clip = train_config.get("grad_clip_norm", 0.0)
+  clip = train_config.grad_clip_norm
   return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+
+
+def diffusion_optimizer(
+    train_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimiser, learning-rate schedule) of the diffusion stage: the one place they are made from the config (the
+  trainer, restoring a checkpoint and importing official weights all need the same optimiser-state structure)."""
+  lr_schedule = learning_rate_schedule(train_config)
+  return make_optimizer(train_config, lr_schedule), lr_schedule
 
 
 def build_diffusion(config: ml_collections.ConfigDict) -> tuple[EncDiff, optax.GradientTransformation, optax.Schedule]:
   """(model, optimiser, learning-rate schedule) of a config: everything the step closes over but the EMA decay."""
-  lr_schedule = learning_rate_schedule(config.train)
-  return build_model(config), make_optimizer(config.train, lr_schedule), lr_schedule
+  return (build_model(config), *diffusion_optimizer(config.train))
 
 
 def create_state(model: EncDiff, tx: optax.GradientTransformation, rng: jax.Array) -> DiffusionState:
@@ -147,18 +155,17 @@ def abstract_state(model: EncDiff, tx: optax.GradientTransformation) -> Diffusio
   return jax.eval_shape(functools.partial(create_state, model, tx), jax.random.PRNGKey(0))
 
 
-def state_shardings(model: EncDiff, tx: optax.GradientTransformation, mesh: Mesh,
-                    fsdp_min_size: int) -> DiffusionState:
-  return parallel.state_shardings(abstract_state(model, tx), mesh, fsdp_min_size)
-
-
+def diffusion_state_shardings(model: EncDiff, tx: optax.GradientTransformation, mesh: Mesh,
+                              fsdp_min_size: int) -> DiffusionState:
+  return parallel.fsdp_shardings(abstract_state(model, tx), mesh, fsdp_min_size)
 
 
 def restore_diffusion_state(config: ml_collections.ConfigDict, workdir: str,
                             step: int | None = None) -> DiffusionState:
   """The diffusion-stage state of a run (latest step by default), with a clear error when there is none."""
   model, tx, _ = build_diffusion(config)
-  return restore_checkpoint(os.path.join(workdir, workdir_lib.DIFFUSION_DIR), abstract_state(model, tx), step, "diffusion")
+  return restore_checkpoint(os.path.join(workdir, workdir_lib.DIFFUSION_DIR), abstract_state(model, tx), step,
+                            "diffusion")
 
 
 def restore_first_stage_state(config: ml_collections.ConfigDict, ckpts: StageCheckpoints,

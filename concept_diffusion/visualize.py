@@ -13,9 +13,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from concept_diffusion.evaluation import generation
+from concept_diffusion.evaluation.records import eval_history, token_factor_matrix
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
-from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_history, eval_path, eval_steps, figure_path,
-                                       load_npy, read_metrics, read_text, token_factor_matrix)
+from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_path, eval_steps, figure_path, load_npy,
+                                       read_metrics, read_text)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -159,7 +160,7 @@ def token_labels(num_tokens: int, evaluation: dict | None, generation_record: di
   """'token k' plus what it does. With a generation record (W/eval/generation_<step>.json): the factor its swaps
   really change and how often ('token 3 swaps floor_hue 94%'), or 'swap changes nothing' when no factor takes the
   target's value in 20% of its swaps. Otherwise the factor its scalar encodes most, with the value of the
-  information matrix it comes from (DCI importance, else MIG's I/H; workdir.token_factor_matrix), and
+  information matrix it comes from (DCI importance, else MIG's I/H; records.token_factor_matrix), and
   '(uninformative)' for tokens below generation.UNINFORMATIVE_SHARE of the most informative one."""
   labels = [f"token {k}" for k in range(num_tokens)]
   matrix, source = token_factor_matrix(evaluation)

@@ -49,7 +49,7 @@ def _dataset_name(workdir: epath.Path, metrics: dict[str, Any]) -> str:
                    f"{config_path} has no data.name.")
 
 
-def load_run(workdir: str | epath.Path) -> tuple[str, dict[str, float]]:
+def final_scores(workdir: str | epath.Path) -> tuple[str, dict[str, float]]:
   """(dataset, {metric: value}) of a run's final evaluation."""
   workdir = epath.Path(workdir)
   path = final_metrics_file(workdir)
@@ -85,7 +85,7 @@ def aggregate(workdirs: Sequence[str | epath.Path]) -> dict[str, dict[str, Any]]
     seen[resolved] = workdir
   runs: dict[str, list[tuple[str, dict[str, float]]]] = {}
   for workdir in workdirs:
-    dataset, values = load_run(workdir)
+    dataset, values = final_scores(workdir)
     runs.setdefault(dataset, []).append((str(workdir), values))
   result = {}
   for dataset, dataset_runs in sorted(runs.items()):

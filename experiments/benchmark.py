@@ -22,6 +22,7 @@ from concept_diffusion import parallel
 from concept_diffusion.tools import cli, launch
 from concept_diffusion.tools.benchmark import format_report, run_benchmark
 from concept_diffusion.workdir import write_json
+from concept_diffusion.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config: a name in configs/ or a .py file.", lock_config=True)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Global batch sizes (default: the config's train.batch_size).")
@@ -55,7 +56,7 @@ def _main(argv):
   config = _CONFIG.value
   if _LOCAL_PROCESSES.value > 1:
     if config.distributed.num_processes > 1 or config.distributed.coordinator_address:
-      raise ValueError("--local_processes starts its own cluster; leave out --config.distributed.*.")
+      raise UserError("--local_processes starts its own cluster; leave out --config.distributed.*.")
     # This command again as a cluster of processes, without the flag (so that they measure instead of relaunching).
     sys.exit(launch.launch(launch.relaunch_command("experiments.benchmark", sys.argv[1:], "local_processes"),
                            _LOCAL_PROCESSES.value))
@@ -64,7 +65,7 @@ def _main(argv):
   try:
     batch_sizes = [int(b) for b in _BATCH_SIZES.value] if _BATCH_SIZES.value else None
   except ValueError as e:
-    raise ValueError(f"--batch_sizes must be integers separated by commas, got {_BATCH_SIZES.value}.") from e
+    raise UserError(f"--batch_sizes must be integers separated by commas, got {_BATCH_SIZES.value}.") from e
   report = run_benchmark(config, batch_sizes, steps=_STEPS.value, warmup=_WARMUP.value,
                          sample_steps=_SAMPLE_STEPS.value, encode_batches=_ENCODE_BATCHES.value,
                          pipeline_batches=_PIPELINE_BATCHES.value, with_first_stage=_FIRST_STAGE.value,

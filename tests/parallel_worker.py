@@ -78,7 +78,7 @@ def steps(out):
     fs_state, fs_metrics = first_stage.make_train_step(config, mesh)(fs_state, batch, rng)
     results.update(flat(fs_state, f"{name}/first_stage"))
     results[f"{name}/first_stage/loss"] = np.asarray(fs_metrics["total_loss"])
-    state = jax.device_put(init, states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
+    state = jax.device_put(init, states.diffusion_state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
     step = diffusion_stage.step_for_config(config, model, mesh)[1]
     # Compiled as the benchmark does: GSPMD's remat warnings counted, the collectives against the minimum.
     lower = lambda: step.lower(state, batch, fs_state.ae_params, rng)
@@ -107,7 +107,7 @@ def remesh(directory, out):
   results["saved/specs"] = np.array(spec_report(state))
   abstract = states.abstract_state(model, tx)
   for name, mesh in (("8x1", mesh_of((8, 1))), ("1x8", mesh_of((1, 8)))):
-    restored = ckpts.restore(parallel.with_shardings(abstract, states.state_shardings(model, tx, mesh,
+    restored = ckpts.restore(parallel.with_shardings(abstract, states.diffusion_state_shardings(model, tx, mesh,
                                                                                       config.mesh.fsdp_min_size)))
     results.update(flat(restored, name))
     results[f"{name}/specs"] = np.array(spec_report(restored) or [""])

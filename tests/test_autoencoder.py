@@ -1,5 +1,6 @@
 """First stage: official parameter parity, VQ/KL semantics, taming's Downsample, and the GAN training step."""
 import functools
+import re
 import math
 import pathlib
 
@@ -67,7 +68,7 @@ def test_official_vq_parameter_shapes_and_names_match_tsv():
   official = sorted(_to_flax_shape(k, s) for k, s in rows)
   assert sorted(flat.values()) == official
   # Stronger than the multiset: every official key has exactly one parameter of the right shape.
-  mapped = {ae.torch_key_to_flax_path(k, len(s)): _to_flax_shape(k, s) for k, s in rows}
+  mapped = {torch_key_to_flax_path(k, len(s)): _to_flax_shape(k, s) for k, s in rows}
   assert mapped == flat
 
 
@@ -245,7 +246,7 @@ def test_lpips_weights_path_raises_clear_error():
   with pytest.raises(NotImplementedError, match="LPIPS"):
     states.create_first_stage_state(config, jax.random.PRNGKey(0))
   with pytest.raises(NotImplementedError, match="lpips_weights"):  # checked before the state is touched
-    first_stage.first_stage_train_step(None, _smoke_images(), jax.random.PRNGKey(0), config)
+    first_stage.step_fn(config)
 
 
 def test_vq_train_step_learns_and_gan_switches_on_at_disc_start(vq_state):
@@ -253,7 +254,7 @@ def test_vq_train_step_learns_and_gan_switches_on_at_disc_start(vq_state):
   fs = config.first_stage
   assert fs.disc_start == 5
   state = jax.tree_util.tree_map(jnp.copy, state)  # the step donates its input; keep the shared fixture alive
-  step = jax.jit(functools.partial(first_stage.first_stage_train_step, config=config), donate_argnums=0)
+  step = jax.jit(first_stage.step_fn(config), donate_argnums=0)
   images = _smoke_images()
   history = []
   for i in range(30):
@@ -279,7 +280,7 @@ def test_vq_train_step_learns_and_gan_switches_on_at_disc_start(vq_state):
 
 def test_kl_train_step_runs(kl_state):
   config, state = kl_state
-  step = jax.jit(functools.partial(first_stage.first_stage_train_step, config=config))
+  step = jax.jit(first_stage.step_fn(config))
   state, metrics = step(state, _smoke_images(), jax.random.PRNGKey(1))
   metrics = jax.device_get(metrics)
   assert int(state.step) == 1 and metrics["kl_loss"] > 0
@@ -288,3 +289,23 @@ def test_kl_train_step_runs(kl_state):
       metrics["total_loss"],
       metrics["nll_loss"] + metrics["d_weight"] * metrics["disc_factor"] * metrics["g_loss"]
       + config.first_stage.kl_weight * metrics["kl_loss"], rtol=1e-5)
+
+
+def torch_key_to_flax_path(key: str, ndim: int) -> tuple[str, ...]:
+  """Official state-dict key (without the `first_stage_model.` / `loss.discriminator.` prefix) -> params path.
+
+  `ndim` is the PyTorch tensor's rank: a rank-1 `weight` is a norm scale, a rank-4 one a conv kernel (which the
+  importer must also transpose OIHW -> HWIO). BatchNorm `running_mean/var` map into 'batch_stats' as mean/var.
+  Example: 'encoder.down.1.block.0.nin_shortcut.weight' -> ('encoder', 'down_1_block_0', 'nin_shortcut', 'kernel').
+  """
+  name = re.sub(r"\b(down|up)\.(\d+)\.(block|attn)\.(\d+)\.", r"\1_\2_\3_\4.", key)
+  name = re.sub(r"\b(down|up)\.(\d+)\.(downsample|upsample)\.", r"\1_\2_\3.", name)
+  name = re.sub(r"\bmid\.", "mid_", name)
+  name = re.sub(r"\bmain\.(\d+)\.", r"main_\1.", name)
+  parts = name.split(".")
+  if parts[-2:] == ["embedding", "weight"]:
+    return tuple(parts[:-1])
+  leaf = {"running_mean": "mean", "running_var": "var"}.get(parts[-1], parts[-1])
+  if leaf == "weight":
+    leaf = "kernel" if ndim == 4 else "scale"
+  return tuple(parts[:-1]) + (leaf,)

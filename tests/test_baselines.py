@@ -14,6 +14,7 @@ from concept_diffusion import parallel
 from concept_diffusion.baselines import losses, trainer
 from concept_diffusion.baselines.vae import GaussianVAE
 from concept_diffusion.config import validate_config
+from concept_diffusion.models.encdiff import build_model
 from concept_diffusion.workdir import check_or_write_config
 from configs import baseline_tcvae, baseline_vae, smoke
 from experiments import aggregate
@@ -113,7 +114,7 @@ def test_resume_gives_the_same_parameters_and_the_run_is_evaluated(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  dataset, values = aggregate.load_run(resumed_dir)  # what experiments/aggregate.py reads
+  dataset, values = aggregate.final_scores(resumed_dir)  # what experiments/aggregate.py reads
   assert dataset == "tiny_blocks" and 0.0 <= values["factor_vae.eval_accuracy"] <= 1.0
   assert np.load(os.path.join(resumed_dir, "eval", "codes_6.npy")).shape == (60, config.baseline.latent_dim)
   with open(os.path.join(resumed_dir, "metrics.jsonl")) as f:
@@ -139,7 +140,7 @@ def test_configs_validate_and_old_workdirs_still_resume(tmp_path):
   bad = _config()
   bad.unet.conditioning = "film"
   with pytest.raises(ValueError, match="unet.conditioning"):
-    validate_config(bad)
+    build_model(bad)
   # A config.json written before the baseline/conditioning fields existed describes the same (default) run.
   config = smoke.get_config()
   check_or_write_config(config, str(tmp_path))

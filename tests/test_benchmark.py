@@ -145,7 +145,7 @@ def test_train_step_compiles_once_across_steps_and_a_resume(tmp_path):
   # A resume restores onto the template train.py builds: the restored arrays must hit the same executable (a
   # changed sharding, dtype or weak type would silently compile the step again on every restart).
   template = parallel.with_shardings(states.abstract_state(model, tx),
-                                     states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
+                                     states.diffusion_state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
   restored = ckpts.restore(template)
   ckpts.close()
   resumed, resumed_metrics = step(restored, images, None, jax.random.PRNGKey(2))

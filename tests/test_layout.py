@@ -48,10 +48,21 @@ def _part(name: str) -> str:
   return parts[1] if len(parts) > 1 else parts[0]
 
 
+# Imports across parts that the table below would refuse and the design allows: figures read evaluation records back
+# (evaluation/records.py: the files evaluate.py writes), and nothing else of evaluation.
+ALLOWED_ACROSS = {("concept_diffusion/visualize.py", "concept_diffusion.evaluation.records")}
+
+
 def test_lower_parts_import_nothing_above_them():
+  everything = {"models", "diffusion", "data", "train", "evaluation", "visualize", "api", "tools", "states", "workdir",
+                "baselines", "interop", "checkpoint", "parallel", "config", "hardware", "perf"}
   forbidden = {
-      "models": {"train", "evaluation", "visualize", "api", "tools", "states", "workdir", "config", "baselines",
+      # models may import config: it is a leaf, and the registries add an extension's fields to it.
+      "models": {"train", "evaluation", "visualize", "api", "tools", "states", "workdir", "baselines",
                  "interop", "data", "checkpoint"},
+      # The schema and the run's files import no model, data or training code (and so no JAX or Flax).
+      "config": everything - {"config"},
+      "workdir": everything - {"workdir", "config"},
       "diffusion": {"train", "evaluation", "visualize", "api", "tools", "states", "models", "data"},
       "data": {"train", "evaluation", "visualize", "api", "tools", "states", "models"},
       "evaluation": {"train", "visualize", "api", "tools", "baselines"},
@@ -65,7 +76,8 @@ def test_lower_parts_import_nothing_above_them():
     for module, _ in imports:
       if module.startswith("experiments"):
         broken.append(f"{path} imports {module}")  # nothing imports experiments/
-      elif _part(module) in forbidden.get(_part(path), ()):
+      elif (_part(module) in forbidden.get(_part(path), ())
+            and (path, module.rsplit(".", 1)[0]) not in ALLOWED_ACROSS and (path, module) not in ALLOWED_ACROSS):
         broken.append(f"{path} imports {module}")
   assert not broken, "\n".join(broken)
 

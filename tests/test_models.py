@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from concept_diffusion import config as config_lib
+from concept_diffusion.models.encdiff import build_model
 from concept_diffusion.models.encoder import build_encoder
 from concept_diffusion.models.unet import build_unet
 from configs import smoke
@@ -183,7 +184,7 @@ def test_encoder_strides_of_one_keep_the_map():
 @pytest.mark.parametrize("field, value, message", [
     ("unet.patch_size", 3, "must divide data.image_size"), ("unet.patch_size", 0, ">= 1"),
     ("encoder.strides", (2, 2, 3, 1), "four strides of 1 or 2"), ("encoder.strides", (2, 2), "four strides"),
-    ("train.grad_clip_norm", -1.0, ">= 0"), ("diffusion.loss_weighting", "snr", "loss_weighting must be one of"),
+    ("train.grad_clip_norm", -1.0, ">= 0"), ("diffusion.loss_weighting", "snr", "loss_weighting='snr'; it must be one of"),
     ("eval.train_metrics", ("factor_vae,mig,dci",), r"""eval.train_metrics has 'factor_vae,mig,dci'.*\('factor_vae','mig'\)"""),
     ("eval.metrics", ("dci", "fvae"), "eval.metrics has 'fvae'")])
 def test_stem_and_clipping_fields_are_validated(field, value, message):
@@ -193,6 +194,7 @@ def test_stem_and_clipping_fields_are_validated(field, value, message):
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     config_lib.validate_config(config)
+    build_model(config)  # names the code defines (schedules, weightings, registries) are checked there
 
 
 def test_gradient_clipping_rescales_the_gradient_before_adamw():

@@ -56,14 +56,13 @@ def pixel_config_path(tmp_path_factory):
   return str(path)
 
 
-def _train_cmd(config_path, workdir, *flags):
-  return [sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={config_path}",
-          f"--workdir={workdir}", *flags]
+def _train_cmd(config_path, workdir, *flags, script=os.path.join(REPO, "experiments", "train.py")):
+  return [sys.executable, script, f"--config={config_path}", f"--workdir={workdir}", *flags]
 
 
-def _train(config_path, workdir, env, *flags, timeout=900):
-  proc = subprocess.run(_train_cmd(config_path, workdir, *flags), cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+def _train(config_path, workdir, env, *flags, timeout=900, script=os.path.join(REPO, "experiments", "train.py")):
+  proc = subprocess.run(_train_cmd(config_path, workdir, *flags, script=script), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
   return proc
 
 
@@ -113,7 +112,8 @@ def test_sigkill_during_an_async_save_then_resume_is_bitwise_identical(tmp_path,
   proc = _train(pixel_config_path, straight, env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   killed = str(tmp_path / "killed")
-  proc = _train(pixel_config_path, killed, dict(env, **{loop.KILL_AFTER_SAVE_ENV: "4"}))
+  proc = _train(pixel_config_path, killed, dict(env, KILL_AFTER_SAVE_STEP="4"),
+                script=os.path.join(REPO, "tests", "train_killed_after_save.py"))
   assert proc.returncode == -signal.SIGKILL
   ckpts = StageCheckpoints(os.path.join(killed, "diffusion"))
   survived = ckpts.latest_step()

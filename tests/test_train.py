@@ -248,10 +248,11 @@ def test_unknown_config_field_is_named():
 def test_bad_timestep_sampling_is_named():
   config = smoke.get_config()
   config.diffusion.timestep_sampling = "beta"
-  with pytest.raises(ValueError, match="diffusion.timestep_sampling must be one of"):
-    validate_config(config)
+  validate_config(config)  # a name the code defines: checked by build_model, before any work
+  with pytest.raises(ValueError, match="diffusion.timestep_sampling='beta'; it must be one of"):
+    build_model(config)
   config.diffusion.timestep_sampling, config.diffusion.timestep_logit_std = "logit_normal", 0.0
-  with pytest.raises(ValueError, match="timestep_logit_std must be > 0"):
+  with pytest.raises(ValueError, match="timestep_logit_std=0.0; it must be > 0"):
     validate_config(config)
 
 

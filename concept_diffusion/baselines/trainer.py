@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from tqdm.auto import tqdm
 
-from concept_diffusion import data as data_lib
 from concept_diffusion import parallel, visualize
 from concept_diffusion.baselines import losses
 from concept_diffusion.baselines.vae import build_vae, reparameterize, to_unit_interval
@@ -27,9 +25,9 @@ from concept_diffusion.config import validate_config
 from concept_diffusion.evaluation.encode import encode_dataset
 from concept_diffusion.evaluation.evaluate import evaluate_run, format_table
 from concept_diffusion.train import jit_step, trainer
-from concept_diffusion.train.loop import run_loop
-from concept_diffusion.workdir import (BASELINE_DIR, MetricWriter, check_or_write_config, eval_path, exists,
-                                       figure_path, read_metrics, workdir_lock)
+from concept_diffusion.train.stage import Stage, make_pipeline, open_run, run_stage
+from concept_diffusion.workdir import BASELINE_DIR, MetricWriter, eval_path, exists, figure_path, read_metrics
+from concept_diffusion.errors import UserError
 
 STAGE = "baseline"
 
@@ -59,11 +57,10 @@ def abstract_state(config) -> BaselineState:
   return jax.eval_shape(functools.partial(create_baseline_state, config), jax.random.PRNGKey(0))
 
 
-def baseline_train_step(state: BaselineState, images: jax.Array, rng: jax.Array, *,
-                        config) -> tuple[BaselineState, dict[str, jax.Array]]:
+def baseline_train_step(state: BaselineState, images: jax.Array, rng: jax.Array, *, model: Any,
+                        tx: optax.GradientTransformation, kind: str,
+                        beta: float) -> tuple[BaselineState, dict[str, jax.Array]]:
   """One Adam step on reconstruction + regularizer (disentanglement_lib's BaseVAE.model_fn), images in [-1, 1]."""
-  bl = config.baseline
-  model = build_vae(config)
   targets = to_unit_interval(images)
 
   def loss_fn(params):
@@ -73,26 +70,29 @@ def baseline_train_step(state: BaselineState, images: jax.Array, rng: jax.Array,
     reconstruction = jnp.mean(losses.bernoulli_reconstruction(targets, logits))
     kl = losses.gaussian_kl(mean, log_var)
     tc = losses.total_correlation(z, mean, log_var)  # logged for both kinds; only beta_tcvae optimises it
-    loss = reconstruction + losses.regularizer(bl.kind, bl.beta, kl, tc)
+    loss = reconstruction + losses.regularizer(kind, beta, kl, tc)
     return loss, {"reconstruction_loss": reconstruction, "kl_loss": kl, "tc_estimate": tc,
                   "elbo": -(reconstruction + kl)}
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = make_optimizer(bl).update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def state_shardings(config, mesh) -> BaselineState:
-  return parallel.state_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
+def baseline_state_shardings(config, mesh) -> BaselineState:
+  return parallel.fsdp_shardings(abstract_state(config), mesh, config.mesh.fsdp_min_size)
 
 
 def make_train_step(config, mesh):
-  """fn(state, images, rng) -> (state, metrics), jitted over the mesh; `rng` constant (the step is folded in)."""
-  parallel.check_batch_size(config.baseline.batch_size, mesh, "baseline.batch_size")
-  return jit_step.jit_train_step(functools.partial(baseline_train_step, config=config), mesh,
-                                 state_shardings(config, mesh))
+  """fn(state, images, rng) -> (state, metrics), jitted over the mesh; `rng` constant (the step is folded in). The
+  step closes over the VAE and its optimiser, built once here."""
+  bl = config.baseline
+  parallel.check_batch_size(bl.batch_size, mesh, "baseline.batch_size")
+  step = functools.partial(baseline_train_step, model=build_vae(config), tx=make_optimizer(bl), kind=bl.kind,
+                           beta=bl.beta)
+  return jit_step.jit_train_step(step, mesh, baseline_state_shardings(config, mesh))
 
 
 def encoder_of(config, state: BaselineState):
@@ -111,11 +111,6 @@ def evaluate_baseline(config, state: BaselineState, dataset, workdir: str, step:
   return evaluate_run(config, encoder_of(config, state), dataset, workdir, step, **kwargs)
 
 
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    tqdm.write(message)
-
-
 def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineState:
   """Trains (resumes, or skips when finished) a config.baseline.kind model in `workdir`, evaluates it."""
   with trainer.prng_context():
@@ -125,61 +120,41 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineS
 def _train_baseline(config: ml_collections.ConfigDict, workdir: str) -> BaselineState:
   validate_config(config)
   if not config.baseline.kind:
-    raise ValueError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
-  is_main = jax.process_index() == 0
-  with workdir_lock(workdir, enabled=is_main):
-    return _train_baseline_locked(config, workdir, is_main)
-
-
-def _train_baseline_locked(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> BaselineState:
-  bl = config.baseline
-  check_or_write_config(config, workdir, write=is_main)
-  dataset = data_lib.get_dataset(config.data)
-  mesh = parallel.make_mesh(config.mesh)
-  writer = MetricWriter(workdir, enabled=is_main)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 40)
-  with StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints,
-                        async_save=config.train.async_checkpoints) as ckpts:  # closed on every exit
-    state, trained = _train_stage(config, workdir, dataset, mesh, writer, rng, ckpts)
-  state = parallel.fetch_to_host(state, mesh)
-  step = int(state.step)
-  if config.eval.final and is_main:
-    if trained or not exists(eval_path(workdir, "metrics", step)):
-      scores, _ = evaluate_baseline(config, state, dataset, workdir, step)
-      writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
-      _say(f"evaluation at step {step}:\n{format_table(scores)}")
-  if is_main:
-    visualize.plot_curves(read_metrics(workdir), figure_path(workdir, "loss_curves.png"))
-  writer.close()
-  return state
+    raise UserError("train_baseline needs config.baseline.kind ('beta_vae' or 'beta_tcvae').")
+  with open_run(config, workdir) as run:
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 40)
+    with StageCheckpoints(os.path.join(workdir, BASELINE_DIR), keep=config.train.keep_checkpoints,
+                          async_save=config.train.async_checkpoints) as ckpts:  # closed on every exit
+      state, trained = _train_stage(config, workdir, run.dataset, run.mesh, run.writer, rng, ckpts)
+    state = parallel.fetch_to_host(state, run.mesh)
+    step = int(state.step)
+    if config.eval.final and run.is_main and (trained or not exists(eval_path(workdir, "metrics", step))):
+      scores, _ = evaluate_baseline(config, state, run.dataset, workdir, step)
+      run.writer.scalars(step, {**scores, **run.writer.progress(STAGE, step)}, "eval")
+      parallel.say(f"evaluation at step {step}:\n{format_table(scores)}")
+    if run.is_main:
+      visualize.plot_curves(read_metrics(workdir), figure_path(workdir, "loss_curves.png"))
+    return state
 
 
 def _train_stage(config, workdir: str, dataset, mesh, writer: MetricWriter, rng: jax.Array,
                  ckpts: StageCheckpoints) -> tuple[BaselineState, bool]:
-  """The trained (or resumed, or restored) state, and whether any step ran."""
+  """The trained (or resumed, or finished) state, and whether any step ran."""
   bl = config.baseline
-  shardings = state_shardings(config, mesh)
-  latest = ckpts.latest_step() or 0
-  # seed + 1: the diffusion stage's data seed, so both models see the same permutation of the dataset.
-  pipeline = trainer.make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size")
-  if latest:
-    state = ckpts.resume(parallel.with_shardings(abstract_state(config), shardings), pipeline, STAGE)
-    latest = int(jax.device_get(state.step))  # an unreadable newest checkpoint falls back to an older one
-  else:
-    state = jit_step.create_sharded(functools.partial(create_baseline_state, config), rng, shardings)
-  trained = latest < bl.num_steps
-  if trained:
-    def evaluate_during_training(step: int, s: BaselineState) -> None:
-      if step < bl.num_steps:  # the final evaluation uses the full metric set
-        scores, _ = evaluate_baseline(config, s, dataset, workdir, step, metrics=config.eval.train_metrics,
-                                      progress=False, save_codes=False)
-        writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
 
-    state = run_loop(stage=STAGE, state=state, num_steps=bl.num_steps, step_fn=make_train_step(config, mesh),
-                     batches=pipeline, rng=jax.random.fold_in(rng, 1), ckpts=ckpts, writer=writer,
-                     log_every=bl.log_every, checkpoint_every=bl.checkpoint_every, batch_size=bl.batch_size,
-                     on_nonfinite=config.train.on_nonfinite,
-                     hooks=[(config.eval.every, parallel.on_main_host(evaluate_during_training, mesh))])
-  else:
-    _say(f"{STAGE}: finished at step {latest}; skipping.")
-  return state, trained
+  def evaluate_during_training(step: int, s: BaselineState) -> None:
+    if step < bl.num_steps:  # the final evaluation uses the full metric set
+      scores, _ = evaluate_baseline(config, s, dataset, workdir, step, metrics=config.eval.train_metrics,
+                                    progress=False, save_codes=False)
+      writer.scalars(step, {**scores, **writer.progress(STAGE, step)}, "eval")
+
+  shardings = baseline_state_shardings(config, mesh)
+  stage = Stage(
+      name=STAGE, num_steps=bl.num_steps, batch_size=bl.batch_size, log_every=bl.log_every,
+      checkpoint_every=bl.checkpoint_every, abstract_state=abstract_state(config), shardings=shardings,
+      init=lambda _: jit_step.create_sharded(functools.partial(create_baseline_state, config), rng, shardings),
+      step=make_train_step(config, mesh),
+      # seed + 1: the diffusion stage's data seed, so both models see the same permutation of the dataset.
+      pipeline=lambda: make_pipeline(config, dataset, bl.batch_size, config.seed + 1, mesh, "baseline.batch_size"),
+      hooks=[(config.eval.every, parallel.on_main_host(evaluate_during_training, mesh))])
+  return run_stage(stage, ckpts, writer, jax.random.fold_in(rng, 1), config.train.on_nonfinite)

@@ -12,6 +12,7 @@ from concept_diffusion.data.base import GroundTruthDataset, validate_image_size
 from concept_diffusion.data.catalog import SPECS as STORED_DATASETS
 from concept_diffusion.data.dsprites import ProceduralDSprites
 from concept_diffusion.data.shapes import ProceduralShapes3D
+from concept_diffusion.errors import UserError
 
 DatasetBuilder = Callable[[Any], GroundTruthDataset]
 _BUILDERS: dict[str, DatasetBuilder] = {}
@@ -39,16 +40,16 @@ def get_dataset(data_config: Any) -> GroundTruthDataset:
   """The dataset named by `data_config.name`, checked against `image_size` and `channels`."""
   name = _field(data_config, "name")
   if name not in _BUILDERS:
-    raise ValueError(f"unknown dataset data.name={name!r}; known datasets: {', '.join(known_datasets())}.")
+    raise UserError(f"unknown dataset data.name={name!r}; known datasets: {', '.join(known_datasets())}.")
   validate_image_size(_field(data_config, "image_size"))
   dataset = _BUILDERS[name](data_config)
   channels = _field(data_config, "channels", dataset.image_shape[-1])
   if channels != dataset.image_shape[-1]:
-    raise ValueError(f"data.channels={channels!r} but {name} images have {dataset.image_shape[-1]} channels; "
+    raise UserError(f"data.channels={channels!r} but {name} images have {dataset.image_shape[-1]} channels; "
                      f"set data.channels={dataset.image_shape[-1]}.")
   size = _field(data_config, "image_size")
   if tuple(dataset.image_shape[:2]) != (size, size):
-    raise ValueError(f"Dataset {name!r} yields images of shape {tuple(dataset.image_shape)}, but the config expects "
+    raise UserError(f"Dataset {name!r} yields images of shape {tuple(dataset.image_shape)}, but the config expects "
                      f"{(size, size, dataset.image_shape[-1])} (data.image_size, data.channels). Set them to match.")
   return dataset
 

@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from concept_diffusion.errors import UserError
+
 # Bump when the layout of converted files changes, so old caches are rebuilt rather than misread.
 CACHE_FORMAT = 1
 _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30-byte local file header of a zip member
@@ -36,12 +38,12 @@ class NpzMember:
       with zipfile.ZipFile(path) as archive:
         names = [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
         if key not in names:
-          raise ValueError(f"{path} has no array {key!r} (it has {names}).")
+          raise UserError(f"{path} has no array {key!r} (it has {names}).")
         self._info = archive.getinfo(key + ".npy")
         with archive.open(self._info) as member:
           self.shape, self.dtype, self._header_size = _read_npy_header(member, f"{path}[{key}]")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); it is damaged or "
+      raise UserError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); it is damaged or "
                        "incomplete: download it again.") from e
 
   @property
@@ -51,7 +53,7 @@ class NpzMember:
   def memmap(self) -> np.ndarray:
     """The array mapped in place (read-only); only for uncompressed members (np.savez, not savez_compressed)."""
     if self.compressed:
-      raise ValueError(f"{self.path}[{self.key}] is compressed and cannot be mapped.")
+      raise UserError(f"{self.path}[{self.key}] is compressed and cannot be mapped.")
     with open(self.path, "rb") as f:
       f.seek(self._info.header_offset)
       fields = _ZIP_LOCAL_HEADER.unpack(f.read(_ZIP_LOCAL_HEADER.size))
@@ -59,7 +61,7 @@ class NpzMember:
     offset = self._info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length + self._header_size
     expected_end = offset + int(np.prod(self.shape)) * self.dtype.itemsize
     if expected_end > os.path.getsize(self.path):
-      raise ValueError(f"{self.path} is truncated: {self.key} needs {expected_end:,} bytes, the file has "
+      raise UserError(f"{self.path} is truncated: {self.key} needs {expected_end:,} bytes, the file has "
                        f"{os.path.getsize(self.path):,}; download it again.")
     return np.memmap(self.path, dtype=self.dtype, mode="r", offset=offset, shape=self.shape)
 
@@ -73,11 +75,11 @@ class NpzMember:
           count = min(rows, self.shape[0] - start)
           raw = member.read(count * row_bytes)
           if len(raw) != count * row_bytes:
-            raise ValueError(f"{self.path}[{self.key}] ends after {start + len(raw) // row_bytes:,} of "
+            raise UserError(f"{self.path}[{self.key}] ends after {start + len(raw) // row_bytes:,} of "
                              f"{self.shape[0]:,} rows; the file is truncated: download it again.")
           yield start, np.frombuffer(raw, self.dtype).reshape((count,) + tuple(self.shape[1:]))
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-      raise ValueError(f"{self.path}[{self.key}] could not be read ({type(e).__name__}: {e}); the file is damaged: "
+      raise UserError(f"{self.path}[{self.key}] could not be read ({type(e).__name__}: {e}); the file is damaged: "
                        "download it again.") from e
 
 
@@ -90,9 +92,9 @@ def _read_npy_header(f, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
     else:
       shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
   except ValueError as e:
-    raise ValueError(f"{what} is not a valid .npy array ({e}).") from e
+    raise UserError(f"{what} is not a valid .npy array ({e}).") from e
   if fortran:
-    raise ValueError(f"{what} is stored in Fortran order; the official files are C order.")
+    raise UserError(f"{what} is stored in Fortran order; the official files are C order.")
   # read_array_header_* leaves `f` just after the header, and `f` started at the header.
   return tuple(shape), np.dtype(dtype), f.tell()
 
@@ -119,7 +121,7 @@ def cached_array(path: str, sources: Sequence[str], shape: tuple[int, ...], dtyp
   private temporary file and rename it; the results are identical, the last rename wins.
   """
   if "://" in path:  # without this, os.makedirs below would make a local folder named "gs:"
-    raise ValueError(f"{what}: the cache {path} must be on a local disk: it is memory-mapped and read at random "
+    raise UserError(f"{what}: the cache {path} must be on a local disk: it is memory-mapped and read at random "
                      "(a remote workdir is fine; set data.cache_dir to a local folder).")
   stamp = _stamp(sources, shape, dtype, extra)
   meta_path = path + ".json"
@@ -142,10 +144,10 @@ def cached_array(path: str, sources: Sequence[str], shape: tuple[int, ...], dtyp
     needed = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     free = shutil.disk_usage(folder).free
   except OSError as e:
-    raise ValueError(f"{what}: cannot create the cache folder {folder} ({e}); set data.cache_dir to a writable "
+    raise UserError(f"{what}: cannot create the cache folder {folder} ({e}); set data.cache_dir to a writable "
                      "folder.") from e
   if needed > free:
-    raise ValueError(f"{what}: converting to {path} needs {needed / 2**30:.1f} GiB, {folder} has "
+    raise UserError(f"{what}: converting to {path} needs {needed / 2**30:.1f} GiB, {folder} has "
                      f"{free / 2**30:.1f} GiB free; set data.cache_dir to a folder with room.")
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   try:
@@ -155,7 +157,7 @@ def cached_array(path: str, sources: Sequence[str], shape: tuple[int, ...], dtyp
     del out
     os.replace(tmp, path)
   except PermissionError as e:
-    raise ValueError(f"{what}: cannot write the cache {path} ({e}); set data.cache_dir to a writable folder.") from e
+    raise UserError(f"{what}: cannot write the cache {path} ({e}); set data.cache_dir to a writable folder.") from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from concept_diffusion.errors import UserError
+
 RandomState = Union[np.random.RandomState, np.random.Generator, int, None]
 
 # The first stage downsamples by 4 (f=4) and the official datasets are 64x64; larger would need upsampling.
@@ -26,7 +28,7 @@ def validate_image_size(image_size: object) -> int:
   """Returns `image_size` as an int, or raises a ValueError that says which sizes are allowed."""
   if (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size <= 0 or
       image_size > MAX_IMAGE_SIZE or image_size % IMAGE_SIZE_MULTIPLE):
-    raise ValueError(f"data.image_size must be a positive int <= {MAX_IMAGE_SIZE} and a multiple of "
+    raise UserError(f"data.image_size must be a positive int <= {MAX_IMAGE_SIZE} and a multiple of "
                      f"{IMAGE_SIZE_MULTIPLE} (e.g. 16, 32, 64), got {image_size!r}.")
   return int(image_size)
 
@@ -91,13 +93,13 @@ class GroundTruthDataset(abc.ABC):
     """Returns `indices` as a 1-D int64 array, or raises a ValueError that names the valid range."""
     indices = np.atleast_1d(np.asarray(indices))
     if indices.ndim != 1:
-      raise ValueError(f"{self.name}: indices must be a 1-D array, got shape {indices.shape}.")
+      raise UserError(f"{self.name}: indices must be a 1-D array, got shape {indices.shape}.")
     if indices.size and not np.issubdtype(indices.dtype, np.integer):
-      raise ValueError(f"{self.name}: indices must be integers, got dtype {indices.dtype}.")
+      raise UserError(f"{self.name}: indices must be integers, got dtype {indices.dtype}.")
     indices = indices.astype(np.int64)
     bad = (indices < 0) | (indices >= self.num_images)
     if bad.any():
-      raise ValueError(f"{self.name}: index {int(indices[bad][0])} is out of range; valid indices are "
+      raise UserError(f"{self.name}: index {int(indices[bad][0])} is out of range; valid indices are "
                        f"0..{self.num_images - 1} ({self.num_images} images).")
     return indices
 
@@ -107,15 +109,15 @@ class GroundTruthDataset(abc.ABC):
     if factors.ndim == 1:
       factors = factors[None]
     if factors.ndim != 2 or factors.shape[1] != self.num_factors:
-      raise ValueError(f"{self.name}: expected factor tuples of length {self.num_factors} "
+      raise UserError(f"{self.name}: expected factor tuples of length {self.num_factors} "
                        f"{self.factor_names}, got an array of shape {factors.shape}.")
     if factors.size and not np.issubdtype(factors.dtype, np.integer):
-      raise ValueError(f"{self.name}: factors must be integers, got dtype {factors.dtype}.")
+      raise UserError(f"{self.name}: factors must be integers, got dtype {factors.dtype}.")
     factors = factors.astype(np.int64)
     for k, (name, size) in enumerate(zip(self.factor_names, self.factor_sizes)):
       bad = (factors[:, k] < 0) | (factors[:, k] >= size)
       if bad.any():
-        raise ValueError(f"{self.name}: factor {name!r} = {int(factors[bad, k][0])} is out of range; "
+        raise UserError(f"{self.name}: factor {name!r} = {int(factors[bad, k][0])} is out of range; "
                          f"valid values are 0..{size - 1}.")
     return factors
 

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from concept_diffusion.errors import UserError
+
 
 def canonical_indices(labels: np.ndarray, factor_sizes: Sequence[int], factor_names: Sequence[str],
                       what: str) -> np.ndarray:
@@ -23,22 +25,22 @@ def canonical_indices(labels: np.ndarray, factor_sizes: Sequence[int], factor_na
   labels = np.asarray(labels)
   num = math.prod(factor_sizes)
   if labels.ndim != 2 or labels.shape[1] != len(factor_sizes):
-    raise ValueError(f"{what}: expected labels of shape (N, {len(factor_sizes)}), got {labels.shape}.")
+    raise UserError(f"{what}: expected labels of shape (N, {len(factor_sizes)}), got {labels.shape}.")
   if labels.shape[0] != num:
-    raise ValueError(f"{what}: {labels.shape[0]:,} records, but factor sizes {tuple(factor_sizes)} make {num:,}.")
+    raise UserError(f"{what}: {labels.shape[0]:,} records, but factor sizes {tuple(factor_sizes)} make {num:,}.")
   labels = labels.astype(np.int64)
   for k, (name, size) in enumerate(zip(factor_names, factor_sizes)):
     bad = (labels[:, k] < 0) | (labels[:, k] >= size)
     if bad.any():
       row = int(np.flatnonzero(bad)[0])
-      raise ValueError(f"{what}: record {row} has {name}={int(labels[row, k])}, outside 0..{size - 1}; the data "
+      raise UserError(f"{what}: record {row} has {name}={int(labels[row, k])}, outside 0..{size - 1}; the data "
                        f"does not have the factor sizes {tuple(factor_sizes)}.")
   index = np.ravel_multi_index(tuple(labels.T), tuple(factor_sizes)).astype(np.int64)
   counts = np.bincount(index, minlength=num)
   if (counts != 1).any():
     missing = int(np.flatnonzero(counts == 0)[0])
     repeated = int(np.flatnonzero(counts > 1)[0])
-    raise ValueError(f"{what}: the labels do not name every factor combination exactly once (e.g. "
+    raise UserError(f"{what}: the labels do not name every factor combination exactly once (e.g. "
                      f"{dict(zip(factor_names, np.unravel_index(repeated, tuple(factor_sizes))))} appears "
                      f"{int(counts[repeated])} times and index {missing} never); the data is damaged or not "
                      "the dataset it claims to be.")
@@ -59,5 +61,5 @@ def discretize(values: np.ndarray, size: int, what: str) -> np.ndarray:
   """
   distinct, labels = np.unique(np.round(np.asarray(values, np.float64), 6), return_inverse=True)
   if len(distinct) != size:
-    raise ValueError(f"{what}: {len(distinct)} distinct values, expected {size}.")
+    raise UserError(f"{what}: {len(distinct)} distinct values, expected {size}.")
   return labels.reshape(-1).astype(np.int64)

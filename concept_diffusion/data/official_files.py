@@ -21,6 +21,7 @@ import numpy as np
 
 from concept_diffusion.data import array_files, canonical
 from concept_diffusion.data.catalog import DatasetSpec, no_data_message
+from concept_diffusion.errors import UserError
 
 Block = tuple[np.ndarray, np.ndarray]  # (canonical indices (n,), images (n, H, W, C) uint8)
 _ROWS_PER_BLOCK = 8192  # 100 MB of 64x64x3 images
@@ -39,10 +40,10 @@ def _expected_count_message(spec: DatasetSpec, factor_sizes: Sequence[int], foun
 
 def _check_images(spec: DatasetSpec, path: str, shape: tuple[int, ...], dtype: np.dtype, image_shape) -> None:
   if len(shape) != 1 + len(image_shape) or tuple(shape[1:]) != tuple(image_shape):
-    raise ValueError(f"{spec.name}: {path} holds images of shape {tuple(shape[1:])}, expected {tuple(image_shape)} "
+    raise UserError(f"{spec.name}: {path} holds images of shape {tuple(shape[1:])}, expected {tuple(image_shape)} "
                      f"(the official {spec.files}).")
   if np.dtype(dtype) != np.uint8:
-    raise ValueError(f"{spec.name}: {path} holds images of dtype {np.dtype(dtype)}, expected uint8 (the official "
+    raise UserError(f"{spec.name}: {path} holds images of dtype {np.dtype(dtype)}, expected uint8 (the official "
                      f"{spec.files}).")
 
 
@@ -67,15 +68,15 @@ class Shapes3DFile:
     with self._open() as f:
       for key in ("images", "labels"):
         if key not in f:
-          raise ValueError(f"{spec.name}: {self.path} has no dataset {key!r} (it has {sorted(f.keys())}); "
+          raise UserError(f"{spec.name}: {self.path} has no dataset {key!r} (it has {sorted(f.keys())}); "
                            "it is not the official 3dshapes.h5.")
       images, labels = f["images"], f["labels"]
       self.num_images = images.shape[0]
       _check_images(spec, self.path, images.shape, images.dtype, spec.image_shape)
       if self.num_images != math.prod(self.factor_sizes):
-        raise ValueError(_expected_count_message(spec, self.factor_sizes, self.num_images, self.path))
+        raise UserError(_expected_count_message(spec, self.factor_sizes, self.num_images, self.path))
       if labels.shape != (self.num_images, len(spec.factor_names)):
-        raise ValueError(f"{spec.name}: {self.path} labels have shape {labels.shape}, expected "
+        raise UserError(f"{spec.name}: {self.path} labels have shape {labels.shape}, expected "
                          f"({self.num_images}, {len(spec.factor_names)}).")
       values = self._read(labels, slice(None))
     what = f"{spec.name} {self.path} labels"
@@ -87,14 +88,14 @@ class Shapes3DFile:
     try:
       return self._h5py.File(self.path, "r")
     except OSError as e:
-      raise ValueError(f"{self.spec.name}: {self.path} is not a readable HDF5 file ({e}); it is damaged or "
+      raise UserError(f"{self.spec.name}: {self.path} is not a readable HDF5 file ({e}); it is damaged or "
                        f"incomplete: download it again from {self.spec.download}.") from e
 
   def _read(self, dataset, rows) -> np.ndarray:
     try:
       return dataset[rows]
     except (OSError, ValueError, RuntimeError) as e:  # h5py reports damaged chunks as OSError
-      raise ValueError(f"{self.spec.name}: reading {self.path} failed ({e}); the file is damaged: download it "
+      raise UserError(f"{self.spec.name}: reading {self.path} failed ({e}); the file is damaged: download it "
                        "again.") from e
 
   def direct(self) -> Optional[np.ndarray]:
@@ -121,14 +122,14 @@ class DSpritesFile:
     self.num_images = self._imgs.shape[0]
     _check_images(spec, self.path, self._imgs.shape + (1,), self._imgs.dtype, spec.image_shape)
     if self.num_images != math.prod(self.factor_sizes):
-      raise ValueError(_expected_count_message(spec, self.factor_sizes, self.num_images, self.path))
+      raise UserError(_expected_count_message(spec, self.factor_sizes, self.num_images, self.path))
     classes_member = array_files.NpzMember(self.path, "latents_classes")
     if classes_member.shape != (self.num_images, 1 + len(spec.factor_names)):
-      raise ValueError(f"{spec.name}: {self.path} latents_classes has shape {classes_member.shape}, expected "
+      raise UserError(f"{spec.name}: {self.path} latents_classes has shape {classes_member.shape}, expected "
                        f"({self.num_images}, {1 + len(spec.factor_names)}) (color, then {spec.factor_names}).")
     classes = np.concatenate([block for _, block in classes_member.blocks(self.num_images)])
     if (classes[:, 0] != 0).any():
-      raise ValueError(f"{spec.name}: {self.path} latents_classes column 0 (color) is not constant 0.")
+      raise UserError(f"{spec.name}: {self.path} latents_classes column 0 (color) is not constant 0.")
     self.canonical = canonical.canonical_indices(classes[:, 1:], self.factor_sizes, spec.factor_names,
                                                  f"{spec.name} {self.path} latents_classes")
 
@@ -138,7 +139,7 @@ class DSpritesFile:
   def blocks(self) -> Iterator[Block]:
     for start, images in self._imgs.blocks(_ROWS_PER_BLOCK * 3):
       if images.max(initial=0) > 1:
-        raise ValueError(f"{self.spec.name}: {self.path} imgs has pixel values up to {images.max()}; dSprites "
+        raise UserError(f"{self.spec.name}: {self.path} imgs has pixel values up to {images.max()}; dSprites "
                          "images are binary 0/1.")
       yield self.canonical[start:start + len(images)], images[..., None]
 
@@ -154,7 +155,7 @@ class Mpi3DFile:
     self.num_images = self._images.shape[0]
     _check_images(spec, self.path, self._images.shape, self._images.dtype, spec.image_shape)
     if self.num_images != math.prod(self.factor_sizes):
-      raise ValueError(_expected_count_message(spec, self.factor_sizes, self.num_images, self.path))
+      raise UserError(_expected_count_message(spec, self.factor_sizes, self.num_images, self.path))
 
   def direct(self) -> Optional[np.ndarray]:
     # Uncompressed members (np.savez) are mapped in place: no 12.7 GB copy.
@@ -176,7 +177,7 @@ def find_cars3d_files(spec: DatasetSpec, manual_dir: str, num_objects: int) -> l
   else:
     raise FileNotFoundError(no_data_message(spec, f"no .mat files in {manual_dir} (nor in its data/cars/ or cars/)."))
   if len(files) != num_objects:
-    raise ValueError(f"{spec.name}: found {len(files)} .mat files in {folder}, expected {num_objects} (one per "
+    raise UserError(f"{spec.name}: found {len(files)} .mat files in {folder}, expected {num_objects} (one per "
                      f"object_type); the archive was not fully extracted or files were removed: extract "
                      f"{os.path.basename(spec.download)} again.")
   return files
@@ -209,14 +210,14 @@ class Cars3DFiles:
     try:
       mat = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises ValueError, OSError, TypeError... on damaged files
-      raise ValueError(f"{self.spec.name}: {path} is not a readable .mat file ({type(e).__name__}: {e}); it is "
+      raise UserError(f"{self.spec.name}: {path} is not a readable .mat file ({type(e).__name__}: {e}); it is "
                        "damaged: extract the archive again.") from e
     if "im" not in mat:
-      raise ValueError(f"{self.spec.name}: {path} has no variable 'im' (it has "
+      raise UserError(f"{self.spec.name}: {path} has no variable 'im' (it has "
                        f"{sorted(k for k in mat if not k.startswith('__'))}).")
     im = mat["im"]
     if im.shape != self._im_shape or im.dtype != np.uint8:
-      raise ValueError(f"{self.spec.name}: {path} 'im' is {im.dtype} {im.shape}, expected uint8 {self._im_shape} "
+      raise UserError(f"{self.spec.name}: {path} 'im' is {im.dtype} {im.shape}, expected uint8 {self._im_shape} "
                        "(height, width, rgb, azimuth, elevation).")
     return im
 

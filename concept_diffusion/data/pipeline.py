@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from concept_diffusion import parallel
 from concept_diffusion.data.base import GroundTruthDataset
 from concept_diffusion.data.batch_order import batch_indices
+from concept_diffusion.errors import UserError
 
 _NUM_STEPS = 2 ** 40  # "infinite": grain's MapDataset wants a length
 
@@ -76,7 +77,7 @@ class InputPipeline(Iterator[jax.Array]):
 
   def set_state(self, state: dict[str, Any]) -> None:
     if "next_index" not in state:
-      raise ValueError(f"Not an input-pipeline state (expected a 'next_index' entry): {state!r}.")
+      raise UserError(f"Not an input-pipeline state (expected a 'next_index' entry): {state!r}.")
     self._iterator.set_state(dict(state))
 
   def batch_at(self, step: int) -> jax.Array:

@@ -24,6 +24,7 @@ import uuid
 from typing import Optional, Sequence
 
 from concept_diffusion.data import catalog
+from concept_diffusion.errors import UserError
 
 TFDS_EXTRA_HINT = 'pip install -e ".[tfds]"'
 
@@ -56,14 +57,14 @@ def prepare(dataset: str, manual_dir: str = "", data_dir: str = "") -> str:
     RuntimeError: a dependency is missing (the message says what to install).
   """
   if dataset not in catalog.SPECS:
-    raise ValueError(f"--dataset must be one of {', '.join(catalog.SPECS)}, got {dataset!r}.")
+    raise UserError(f"--dataset must be one of {', '.join(catalog.SPECS)}, got {dataset!r}.")
   spec = catalog.SPECS[dataset]
   missing = _missing_prepare_dependency(spec)
   if missing:
     raise RuntimeError(missing)
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_data_dir()))
   if "://" in data_dir:
-    raise ValueError("--data_dir must be a local folder; prepare locally, then copy the folder (e.g. gsutil -m cp "
+    raise UserError("--data_dir must be a local folder; prepare locally, then copy the folder (e.g. gsutil -m cp "
                      "-r) and point data.tfds_data_dir at the copy.")
   if spec.tfds_owner == "concept_diffusion" and not manual_dir:
     raise FileNotFoundError(catalog.no_data_message(spec, "--manual_dir is required (the folder with the official "

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from concept_diffusion.data import base
 from concept_diffusion.data.array_files import cached_array
+from concept_diffusion.errors import UserError
 
 FACTOR_NAMES = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
 FACTOR_SIZES = (10, 10, 10, 8, 4, 15)
@@ -250,7 +251,7 @@ class ProceduralShapes3D(base.GroundTruthDataset):
   def __init__(self, image_size: int = 64, supersample: int = 1, cache_dir: str = ""):
     self.image_size = base.validate_image_size(image_size)
     if not isinstance(supersample, (int, np.integer)) or isinstance(supersample, bool) or supersample < 1:
-      raise ValueError(f"data.supersample={supersample!r}: it must be a whole number >= 1 (rays per pixel side; "
+      raise UserError(f"data.supersample={supersample!r}: it must be a whole number >= 1 (rays per pixel side; "
                        "1 = no anti-aliasing, 4 = 16 rays per pixel as faithful to 3dshapes).")
     self.supersample = int(supersample)
     self.image_shape = (self.image_size, self.image_size, 3)

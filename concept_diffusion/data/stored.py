@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from concept_diffusion.data import base, catalog
+from concept_diffusion.errors import UserError
 
 SOURCES = ("auto", "tfds", "files")
 Reader = Callable[[np.ndarray], np.ndarray]  # canonical indices (n,) -> uint8 images (n, H, W, C)
@@ -47,7 +48,7 @@ def check_image_size(spec: catalog.DatasetSpec, image_size: int) -> int:
   image_size = base.validate_image_size(image_size)
   native = spec.image_shape[0]
   if native % image_size:
-    raise ValueError(f"{spec.name} images are {native}x{native}; data.image_size must divide {native} "
+    raise UserError(f"{spec.name} images are {native}x{native}; data.image_size must divide {native} "
                      f"(e.g. {native}, {native // 2}, {native // 4}), got {image_size}.")
   return image_size
 
@@ -71,7 +72,7 @@ def resolve_factor_sizes(spec: catalog.DatasetSpec, factor_sizes: Sequence[int])
   sizes = tuple(factor_sizes)
   if (len(sizes) != len(spec.factor_names) or
       not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes)):
-    raise ValueError(f"data.factor_sizes={sizes!r} must be {len(spec.factor_names)} positive ints, one per factor "
+    raise UserError(f"data.factor_sizes={sizes!r} must be {len(spec.factor_names)} positive ints, one per factor "
                      f"{spec.factor_names} (official: {spec.factor_sizes}), or () for the official sizes.")
   return tuple(int(s) for s in sizes)
 
@@ -88,7 +89,7 @@ def build_stored(name: str, *, image_size: int, source: str = "auto", manual_dir
   sizes = resolve_factor_sizes(spec, factor_sizes)
   check_image_size(spec, image_size)  # before a conversion that may take minutes
   if source not in SOURCES:
-    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}.")
+    raise UserError(f"data.source must be one of {SOURCES}, got {source!r}.")
   if source == "auto":
     source = "tfds" if tfds_data_dir else "files"
   if source == "tfds":

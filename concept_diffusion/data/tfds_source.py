@@ -14,6 +14,7 @@ import numpy as np
 
 from concept_diffusion.data import array_files, canonical
 from concept_diffusion.data.catalog import DatasetSpec, no_data_message, prepare_command
+from concept_diffusion.errors import UserError
 
 _LABEL_CHUNK = 4096  # records per read while collecting labels
 _DEFAULT_REMOTE_CACHE = os.path.join("~", ".cache", "concept_diffusion")
@@ -64,11 +65,11 @@ class TfdsImages:
       self._source = builder.as_data_source(split="train")
       labels_source = builder.as_data_source(split="train", decoders={"image": _passthrough_decoder()})
     except NotImplementedError as e:
-      raise ValueError(f"{spec.name}: the TFDS dataset in {self.where} was prepared as "
+      raise UserError(f"{spec.name}: the TFDS dataset in {self.where} was prepared as "
                        f"{builder.info.file_format}; random access needs array_record. Prepare it again: "
                        f"`{prepare_command(spec)}`.") from e
     if len(self._source) != self.num_images:
-      raise ValueError(f"{spec.name}: the TFDS dataset in {self.where} has {len(self._source):,} records, but "
+      raise UserError(f"{spec.name}: the TFDS dataset in {self.where} has {len(self._source):,} records, but "
                        f"factor sizes {self.factor_sizes} make {self.num_images:,}.")
     self._rows = self._cached_rows(labels_source, builder, cache_dir)
 
@@ -80,14 +81,14 @@ class TfdsImages:
     spec = self.spec
     missing = [key for key in ("image",) + spec.tfds_labels if key not in features]
     if missing:
-      raise ValueError(f"{spec.name}: the TFDS dataset in {self.where} has no feature(s) {missing}; it is not "
+      raise UserError(f"{spec.name}: the TFDS dataset in {self.where} has no feature(s) {missing}; it is not "
                        f"the {spec.tfds_name} dataset this reader expects.")
     sizes = tuple(features[key].num_classes for key in spec.tfds_labels)
     if sizes != self.factor_sizes:
-      raise ValueError(f"{spec.name}: the TFDS dataset in {self.where} has factor sizes {sizes}, but the config "
+      raise UserError(f"{spec.name}: the TFDS dataset in {self.where} has factor sizes {sizes}, but the config "
                        f"expects {self.factor_sizes} (data.factor_sizes, or the official sizes when it is empty).")
     if tuple(features["image"].shape) != tuple(spec.image_shape):
-      raise ValueError(f"{spec.name}: the TFDS dataset in {self.where} has images of shape "
+      raise UserError(f"{spec.name}: the TFDS dataset in {self.where} has images of shape "
                        f"{tuple(features['image'].shape)}, expected {spec.image_shape}.")
 
   def _cached_rows(self, labels_source, builder, cache_dir: str) -> np.ndarray:
@@ -115,7 +116,7 @@ class TfdsImages:
     try:
       return source.__getitems__(keys)
     except Exception as e:  # array_record, protobuf and PIL each raise their own types on damaged records
-      raise ValueError(f"{self.spec.name}: reading records {keys[0]}..{keys[-1]} of the TFDS dataset in "
+      raise UserError(f"{self.spec.name}: reading records {keys[0]}..{keys[-1]} of the TFDS dataset in "
                        f"{self.where} failed ({type(e).__name__}: {e}); the data is damaged. Delete it and prepare "
                        f"it again: `{prepare_command(self.spec)}`.") from e
 
@@ -125,6 +126,6 @@ class TfdsImages:
     images = [np.asarray(record["image"]) for record in records]
     bad = [image.shape for image in images if image.shape != tuple(self.spec.image_shape)]
     if bad:
-      raise ValueError(f"{self.spec.name}: a record of the TFDS dataset in {self.where} decoded to shape {bad[0]}, "
+      raise UserError(f"{self.spec.name}: a record of the TFDS dataset in {self.where} decoded to shape {bad[0]}, "
                        f"expected {self.spec.image_shape}; the data is damaged: prepare it again.")
     return np.stack(images) if images else np.zeros((0,) + tuple(self.spec.image_shape), np.uint8)

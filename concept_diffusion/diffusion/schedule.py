@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from concept_diffusion.errors import UserError
+
 SCHEDULES = ("linear", "sqrt_linear", "sqrt", "cosine")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "v")
@@ -16,7 +18,7 @@ def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, li
                        cosine_s: float = 8e-3) -> np.ndarray:
   """Betas (T,) in float64, exactly as LDM's `make_beta_schedule` builds them."""
   if timesteps < 1:
-    raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}.")
+    raise UserError(f"diffusion.timesteps must be >= 1, got {timesteps}.")
   if kind == "linear":  # LDM's "linear" is linear in sqrt(beta)
     return np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
   if kind == "sqrt_linear":
@@ -28,7 +30,7 @@ def make_beta_schedule(kind: str, timesteps: int, linear_start: float = 1e-4, li
     alphas_cumprod = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
     return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
-  raise ValueError(f"Unknown diffusion.beta_schedule {kind!r}; choose one of {SCHEDULES}.")
+  raise UserError(f"Unknown diffusion.beta_schedule {kind!r}; choose one of {SCHEDULES}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,7 @@ def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int, kind: str =
   if kind == "logit_normal":
     u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
     return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
-  raise ValueError(f"Unknown diffusion.timestep_sampling {kind!r}; choose one of {TIMESTEP_SAMPLINGS}.")
+  raise UserError(f"Unknown diffusion.timestep_sampling {kind!r}; choose one of {TIMESTEP_SAMPLINGS}.")
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
@@ -115,7 +117,7 @@ def loss_weights(schedule: Schedule, t: jax.Array, kind: str, max_weight: float)
     return None
   if kind == "v":
     return jnp.minimum(1.0 / jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t], max_weight)
-  raise ValueError(f"Unknown diffusion.loss_weighting {kind!r}; choose one of {LOSS_WEIGHTINGS}.")
+  raise UserError(f"Unknown diffusion.loss_weighting {kind!r}; choose one of {LOSS_WEIGHTINGS}.")
 
 
 def noise_loss(pred: jax.Array, target: jax.Array, kind: str, weights: jax.Array | None = None) -> jax.Array:
@@ -126,6 +128,6 @@ def noise_loss(pred: jax.Array, target: jax.Array, kind: str, weights: jax.Array
   elif kind == "l2":
     per_example = jnp.square(pred - target)
   else:
-    raise ValueError(f"Unknown diffusion.loss {kind!r}; choose 'l1' (official code) or 'l2' (paper).")
+    raise UserError(f"Unknown diffusion.loss {kind!r}; choose 'l1' (official code) or 'l2' (paper).")
   per_example = per_example.reshape(per_example.shape[0], -1).mean(axis=1)
   return (per_example if weights is None else per_example * weights).mean()

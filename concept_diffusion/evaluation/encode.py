@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from concept_diffusion.data.base import GroundTruthDataset
 from concept_diffusion.workdir import atomic_path
+from concept_diffusion.errors import UserError
 
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -29,7 +30,7 @@ def encode_dataset(encode_fn: EncodeFn, params: Any, dataset: GroundTruthDataset
   rendering and encoding run in one compiled call per batch.
   """
   if batch_size < 1:
-    raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}.")
+    raise UserError(f"eval.batch_size must be >= 1, got {batch_size}.")
   num = dataset.num_images
   step, fetch = make_encode_step(encode_fn, dataset)
   # Written under a temporary name and renamed when complete: an interrupted pass never leaves a partial table

@@ -15,9 +15,9 @@ from concept_diffusion.evaluation.factor_reader import reader_for
 from concept_diffusion.evaluation.metrics import evaluate_codes, normalized_mutual_info
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
+from concept_diffusion.evaluation.records import token_factor_matrix
 from concept_diffusion.visualize import plot_swap_matrix
-from concept_diffusion.workdir import (EVAL_DIR, eval_path, eval_steps, exists, figure_path, load_npy, read_text,
-                                       token_factor_matrix, write_json)
+from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, figure_path, load_npy, read_text, write_json
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]

@@ -30,6 +30,8 @@ import scipy.stats
 from sklearn import decomposition, ensemble, linear_model, preprocessing, svm
 from sklearn import metrics as sk_metrics
 
+from concept_diffusion.errors import UserError
+
 # EncDiff's `main_val.eval_func` computes these four (beta-VAE, DCI, MIG, FactorVAE).
 DEFAULT_METRICS = ("beta_vae", "dci", "mig", "factor_vae")
 ALL_METRICS = DEFAULT_METRICS + ("sap", "modularity")
@@ -59,10 +61,10 @@ class DCIResult(NamedTuple):
 def _check_factor_sizes(factor_sizes: Sequence[int]) -> tuple[int, ...]:
   sizes = tuple(factor_sizes)
   if not sizes:
-    raise ValueError("factor_sizes is empty; pass one size per ground-truth factor, e.g. (10, 10, 10, 8, 4, 15).")
+    raise UserError("factor_sizes is empty; pass one size per ground-truth factor, e.g. (10, 10, 10, 8, 4, 15).")
   for j, size in enumerate(sizes):
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-      raise ValueError(f"factor_sizes[{j}] = {size!r} is not a positive integer.")
+      raise UserError(f"factor_sizes[{j}] = {size!r} is not a positive integer.")
   return tuple(int(s) for s in sizes)
 
 
@@ -70,24 +72,24 @@ def _check_codes(codes: Any, factor_sizes: tuple[int, ...], *, pca_tokens: bool)
   """Validates shape and values; returns a float array of shape (prod(factor_sizes), ...)."""
   codes = np.asarray(codes)
   if codes.dtype.kind not in "biuf":
-    raise ValueError(f"codes must be a real numeric array, got dtype {codes.dtype}.")
+    raise UserError(f"codes must be a real numeric array, got dtype {codes.dtype}.")
   if codes.ndim == 3 and not pca_tokens:
-    raise ValueError(f"codes has shape {codes.shape}: vector-valued tokens (num_images, num_tokens, dim) must be "
+    raise UserError(f"codes has shape {codes.shape}: vector-valued tokens (num_images, num_tokens, dim) must be "
                      "reduced first; pass pca_tokens=True (1-component PCA per token, as EncDiff does).")
   if codes.ndim == 2 and pca_tokens:
-    raise ValueError(f"pca_tokens=True expects 3-D codes (num_images, num_tokens, dim), got shape {codes.shape}.")
+    raise UserError(f"pca_tokens=True expects 3-D codes (num_images, num_tokens, dim), got shape {codes.shape}.")
   if codes.ndim not in (2, 3):
-    raise ValueError(f"codes must be 2-D (num_images, num_codes) or, with pca_tokens=True, 3-D (num_images, "
+    raise UserError(f"codes must be 2-D (num_images, num_codes) or, with pca_tokens=True, 3-D (num_images, "
                      f"num_tokens, dim); got {codes.ndim}-D shape {codes.shape}.")
   num_rows = int(np.prod(factor_sizes))
   if codes.shape[0] != num_rows:
-    raise ValueError(f"codes has {codes.shape[0]} rows but prod(factor_sizes={factor_sizes}) = {num_rows}; the "
+    raise UserError(f"codes has {codes.shape[0]} rows but prod(factor_sizes={factor_sizes}) = {num_rows}; the "
                      "table must hold one code per dataset image, in canonical row-major factor order.")
   if codes.shape[1] < 1 or (codes.ndim == 3 and codes.shape[2] < 1):
-    raise ValueError(f"codes has an empty code axis: shape {codes.shape}.")
+    raise UserError(f"codes has an empty code axis: shape {codes.shape}.")
   if not np.all(np.isfinite(codes)):
     bad = np.unique(np.nonzero(~np.isfinite(codes))[0])
-    raise ValueError(f"codes contains NaN/Inf in {bad.size} row(s) (first: {bad[:5].tolist()}); metrics are "
+    raise UserError(f"codes contains NaN/Inf in {bad.size} row(s) (first: {bad[:5].tolist()}); metrics are "
                      "undefined on non-finite codes. Fix the encoder output (or its dtype overflow) first.")
   # Integer codes would make np.var and the histogram discretiser behave differently from float representations.
   return codes if codes.dtype.kind == "f" else codes.astype(np.float64)
@@ -98,12 +100,12 @@ def _check_metric_needs(metric: str, factor_sizes: tuple[int, ...], num_codes: i
   if metric in _NEEDS_VARYING_FACTORS:
     for j, size in enumerate(factor_sizes):
       if size < 2:
-        raise ValueError(f"factor {j} has size 1 (factor_sizes={factor_sizes}); metric {metric!r} needs >= 2 "
+        raise UserError(f"factor {j} has size 1 (factor_sizes={factor_sizes}); metric {metric!r} needs >= 2 "
                          "values per factor (a constant factor has zero entropy / one class). Drop that factor "
                          "from factor_sizes: a size-1 factor does not change the row-major index, so the code "
                          "table stays valid.")
   if metric in _NEEDS_TWO_DIMS and num_codes < 2:
-    raise ValueError(f"metric {metric!r} compares the best and second-best code dimension, so it needs >= 2 "
+    raise UserError(f"metric {metric!r} compares the best and second-best code dimension, so it needs >= 2 "
                      f"code dimensions; got {num_codes}.")
 
 
@@ -510,7 +512,7 @@ def _modularity_explicitness(table: CodeTable, random_state: np.random.RandomSta
       _discrete_mutual_info(_histogram_discretize(mus_train, num_bins), ys_train))}
   mean, stddev = np.mean(mus_train, axis=1), np.std(mus_train, axis=1)
   if np.any(stddev == 0):
-    raise ValueError(f"code dims {np.nonzero(stddev == 0)[0].tolist()} are constant on the sampled points; "
+    raise UserError(f"code dims {np.nonzero(stddev == 0)[0].tolist()} are constant on the sampled points; "
                      "explicitness z-scores every dim (disentanglement_lib would feed NaN to LogisticRegression). "
                      "Drop constant dims or leave 'modularity' out of the metrics.")
   x_train = ((mus_train - mean[:, np.newaxis]) / stddev[:, np.newaxis]).T
@@ -575,11 +577,11 @@ def _check_metric_names(metrics: Sequence[str], metric_kwargs: Mapping[str, Mapp
   metrics = tuple(metrics)
   for name in tuple(metrics) + tuple(metric_kwargs):
     if name not in ALL_METRICS:
-      raise ValueError(f"Unknown metric {name!r}; choose from {ALL_METRICS}.")
+      raise UserError(f"Unknown metric {name!r}; choose from {ALL_METRICS}.")
   for name, kwargs in metric_kwargs.items():
     unknown = set(kwargs) - set(_DEFAULT_KWARGS[name])
     if unknown:
-      raise ValueError(f"Unknown option(s) {sorted(unknown)} for metric {name!r}; valid: "
+      raise UserError(f"Unknown option(s) {sorted(unknown)} for metric {name!r}; valid: "
                        f"{sorted(_DEFAULT_KWARGS[name])}.")
   return metrics
 

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from concept_diffusion.checkpoint import restore_checkpoint
 from concept_diffusion.interop import official
 from concept_diffusion.workdir import DIFFUSION_DIR, first_stage_dir, load_config
+from concept_diffusion.errors import UserError
 
 
 def export_workdir(workdir: str, step: Optional[int] = None) -> tuple[official.StateDict, int]:
@@ -42,7 +43,7 @@ def export_autoencoder(workdir: str) -> tuple[official.StateDict, int]:
   """Our workdir's first stage -> (official autoencoder state dict, its step)."""
   config = load_config(workdir)
   if config.first_stage.kind == "none":
-    raise ValueError(f"{workdir} is a pixel-space run (first_stage.kind 'none'): it has no autoencoder to export.")
+    raise UserError(f"{workdir} is a pixel-space run (first_stage.kind 'none'): it has no autoencoder to export.")
   fs_state = restore_checkpoint(first_stage_dir(config, workdir), official.abstract_first_stage_state(config), None,
                       "first-stage")
   return official.export_autoencoder_state_dict(fs_state), int(fs_state.step)

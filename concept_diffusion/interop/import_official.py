@@ -38,16 +38,17 @@ from concept_diffusion.models import autoencoder
 from concept_diffusion import states
 from concept_diffusion.config import validate_config
 from concept_diffusion.workdir import AE_DIR, DIFFUSION_DIR, check_or_write_config, workdir_lock
+from concept_diffusion.errors import UserError
 
 
 def _as_jax_like(tree: Any, template: Any, what: str) -> Any:
   """numpy tree -> jax arrays with the template's dtypes; the structures and shapes must agree."""
   if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(template):
-    raise ValueError(f"Imported {what} do not have the structure of the model built from the config.")
+    raise UserError(f"Imported {what} do not have the structure of the model built from the config.")
 
   def convert(x, t):
     if tuple(np.shape(x)) != tuple(t.shape):
-      raise ValueError(f"Imported {what}: shape {np.shape(x)} where the model has {t.shape}.")
+      raise UserError(f"Imported {what}: shape {np.shape(x)} where the model has {t.shape}.")
     return jnp.asarray(x, dtype=t.dtype)
   return jax.tree_util.tree_map(convert, tree, template)
 
@@ -81,12 +82,12 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any) -> optax.OptSt
 
 
 def fresh_optimizer_state(config: ml_collections.ConfigDict, params: Any, step: int) -> optax.OptState:
-  """make_optimizer(...).init(params) with the learning-rate schedule's count moved to `step`.
+  """The diffusion optimiser's initial state for `params`, with the learning-rate schedule's count moved to `step`.
 
   Only the schedule's counter moves: Adam's own count stays 0 so that its bias correction matches its zero
   moments, while the learning rate continues where the official run was instead of warming up again.
   """
-  opt_state = init_optimizer(states.make_optimizer(config.train, states.learning_rate_schedule(config.train)), params)
+  opt_state = init_optimizer(states.diffusion_optimizer(config.train)[0], params)
   is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
 
   def move(s):
@@ -142,7 +143,7 @@ def make_first_stage_state(config: ml_collections.ConfigDict, weights: official.
 def _refuse_existing(directory: str) -> None:
   path = epath.Path(directory)
   if path.is_dir() and any(path.iterdir()):
-    raise ValueError(f"{directory} already holds checkpoints: import into a new --workdir (an import never "
+    raise UserError(f"{directory} already holds checkpoints: import into a new --workdir (an import never "
                      "overwrites or mixes with an existing run).")
 
 
@@ -174,7 +175,7 @@ def import_checkpoint(ckpt: str, config: ml_collections.ConfigDict, workdir: str
                if autoencoder_ckpt else None)
   step = global_step if global_step is not None else loaded.global_step
   if step is None or step < 1:
-    raise ValueError(
+    raise UserError(
         f"{ckpt!r} records global_step={step}; the imported state needs a step >= 1 (its step is the diffusion "
         "checkpoint's number, and step 0 means 'no checkpoint' to the training loop). Pass --global_step=N.")
   template = official.abstract_diffusion_state(config)

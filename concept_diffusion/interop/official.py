@@ -40,6 +40,7 @@ from concept_diffusion import states
 from concept_diffusion.diffusion.schedule import SCHEDULES, make_beta_schedule
 from concept_diffusion.models import autoencoder
 from concept_diffusion.workdir import atomic_path, exists, is_remote, local_copy
+from concept_diffusion.errors import UserError
 
 OFFICIAL_COMMIT = "596a29d"  # github.com/SelenaGeRuiqi/EncDiff mirror of the official code's first commit
 OFFICIAL_REPO = "github.com/ThomasMrY/EncDiff"
@@ -355,7 +356,7 @@ def layout_from_trees(*, params: Mapping[str, Any], ema_unet: Any, batch_stats: 
   first = [] if ae_params is None else tree_entries(ae_params, "first_stage", FIRST_STAGE_PREFIX)
   dups = _duplicate_keys(unet + ema + encoder + first)
   if dups:  # LitEma's dot removal can in principle merge two names (input_blocks.1.1.x vs input_blocks.11.x)
-    raise ValueError(f"Official key collision for this architecture (LitEma drops dots): {_listing(dups)}.")
+    raise UserError(f"Official key collision for this architecture (LitEma drops dots): {_listing(dups)}.")
   nbt = [e.key[:-len("running_mean")] + NUM_BATCHES_TRACKED for e in encoder if e.key.endswith("running_mean")]
   return CheckpointLayout(unet, ema, encoder, first, nbt, timesteps)
 
@@ -395,7 +396,7 @@ def check_betas(betas: np.ndarray, diffusion_config: ml_collections.ConfigDict) 
     if np.allclose(betas, other.astype(np.float32), rtol=1e-5, atol=1e-9):
       hint = f" The checkpoint's betas match beta_schedule={kind!r} with timesteps={betas.shape[0]}."
       break
-  raise ValueError(
+  raise UserError(
       f"The checkpoint was trained with a different noise schedule: its `betas` buffer ({betas.shape[0]} steps, "
       f"from {betas[0]:.6g} to {betas[-1]:.6g}) differs from the config's ({described}: {ours.shape[0]} steps, "
       f"from {ours[0]:.6g} to {ours[-1]:.6g}).{hint} Set the config's diffusion.* fields to the checkpoint's.")
@@ -527,7 +528,7 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], config: ml_collectio
         _check_same_first_stage(ae_params, separate)
       ae_params = separate
   elif use_separate_ae:
-    raise ValueError("--autoencoder_ckpt was given, but config.first_stage.kind is 'none' (pixel-space diffusion).")
+    raise UserError("--autoencoder_ckpt was given, but config.first_stage.kind is 'none' (pixel-space diffusion).")
 
   return ImportedWeights(params=params, batch_stats=trees["batch_stats"], ema_unet=ema_unet, scale_factor=scale,
                          ae_params=ae_params, disc_params=disc_params, disc_batch_stats=disc_bs,
@@ -568,7 +569,7 @@ def _check_same_first_stage(from_main: Any, from_separate: Any) -> None:
   b = flax.traverse_util.flatten_dict(from_separate)
   differing = ["/".join(p) for p in a if not np.array_equal(a[p], b[p])]
   if differing:
-    raise ValueError(
+    raise UserError(
         "The checkpoint's first_stage_model.* weights differ from those in --autoencoder_ckpt (e.g. "
         f"{_listing(differing)}): the diffusion model was trained on another autoencoder. Drop "
         "--autoencoder_ckpt to use the checkpoint's own, or pass the matching autoencoder.")
@@ -586,7 +587,7 @@ def export_state_dict(config: ml_collections.ConfigDict, *, params: Mapping[str,
   count one per training step in the official code.
   """
   if config.first_stage.kind != "none" and ae_params is None:
-    raise ValueError("Exporting a latent-diffusion checkpoint needs the first stage's parameters (ae_params).")
+    raise UserError("Exporting a latent-diffusion checkpoint needs the first stage's parameters (ae_params).")
   layout = layout_from_trees(params=params, ema_unet=ema_unet, batch_stats=batch_stats,
                              ae_params=ae_params if config.first_stage.kind != "none" else None,
                              timesteps=int(config.diffusion.timesteps))
@@ -639,7 +640,7 @@ def check_suffix(path: str) -> str:
   for suffix in SUPPORTED_SUFFIXES:
     if lower.endswith(suffix):
       return suffix
-  raise ValueError(f"Unsupported checkpoint file {path!r}: use one of {', '.join(SUPPORTED_SUFFIXES)} "
+  raise UserError(f"Unsupported checkpoint file {path!r}: use one of {', '.join(SUPPORTED_SUFFIXES)} "
                    "(.ckpt/.pt/.pth/.bin are torch pickles and need the [torch] extra).")
 
 
@@ -658,7 +659,7 @@ def import_torch(purpose: str):
 
 def _torch_to_numpy(torch, value: Any, key: str) -> np.ndarray:
   if not isinstance(value, torch.Tensor):
-    raise ValueError(f"State-dict entry {key!r} is a {type(value).__name__}, not a tensor.")
+    raise UserError(f"State-dict entry {key!r} is a {type(value).__name__}, not a tensor.")
   value = value.detach().cpu()
   if value.dtype == torch.bfloat16:  # numpy has no bfloat16
     value = value.float()
@@ -742,7 +743,7 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
       try:
         return load_state_dict(local, trust_pickle=trust_pickle)
       except ValueError as e:
-        raise ValueError(str(e).replace(local, path)) from e
+        raise UserError(str(e).replace(local, path)) from e
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Checkpoint file {path!r} not found.")
   suffix = check_suffix(path)
@@ -754,7 +755,7 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
       with safetensors.safe_open(path, framework="np") as f:
         meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for corrupt files or bf16
-      raise ValueError(f"Could not read {path!r} as safetensors: {e}") from e
+      raise UserError(f"Could not read {path!r} as safetensors: {e}") from e
     step = meta.get("global_step")
     return LoadedCheckpoint(dict(sd), int(step) if step is not None else None)
   if suffix == ".npz":
@@ -762,7 +763,7 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
       with np.load(path, allow_pickle=False) as data:
         sd = {k: data[k] for k in data.files}
     except Exception as e:  # zipfile / numpy format errors
-      raise ValueError(f"Could not read {path!r} as an .npz state dict: {e}") from e
+      raise UserError(f"Could not read {path!r} as an .npz state dict: {e}") from e
     step = sd.pop(NPZ_STEP_KEY, None)
     return LoadedCheckpoint(sd, int(step) if step is not None else None)
 
@@ -777,15 +778,15 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> LoadedCheckpoin
         logging.info("%s holds objects other than tensors; reading it with those replaced by placeholders.", path)
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle_module())
   except Exception as e:  # truncated or foreign files, or (trust_pickle) a class whose package is missing
-    raise ValueError(f"Could not read {path!r} with torch.load: {type(e).__name__}: {e}") from e
+    raise UserError(f"Could not read {path!r} with torch.load: {type(e).__name__}: {e}") from e
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a Lightning checkpoint or a state dict.")
+    raise UserError(f"{path!r} holds a {type(obj).__name__}, not a Lightning checkpoint or a state dict.")
   if "state_dict" in obj:
     raw = obj["state_dict"]
   elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
     raw = obj  # a bare state dict
   else:
-    raise ValueError(f"{path!r} is neither a Lightning checkpoint (no 'state_dict' entry; it has "
+    raise UserError(f"{path!r} is neither a Lightning checkpoint (no 'state_dict' entry; it has "
                      f"{sorted(obj)[:10]}) nor a bare state dict of tensors.")
   sd = {k: _torch_to_numpy(torch, v, k) for k, v in raw.items()}
   step, epoch = obj.get("global_step"), obj.get("epoch")
@@ -798,7 +799,7 @@ def save_state_dict(path: str, state_dict: Mapping[str, np.ndarray], global_step
   suffix = check_suffix(path)
   arrays = {k: np.asarray(order="C", a=v) for k, v in state_dict.items()}
   if suffix == ".npz" and NPZ_STEP_KEY in arrays:
-    raise ValueError(f"State dict already has a {NPZ_STEP_KEY!r} entry; it is reserved in .npz files.")
+    raise UserError(f"State dict already has a {NPZ_STEP_KEY!r} entry; it is reserved in .npz files.")
   torch = import_torch(f"Writing {path!r} (a PyTorch checkpoint)") if suffix not in (".safetensors", ".npz") else None
   with atomic_path(path) as tmp:  # an interrupted export never leaves a truncated file under the real name
     if suffix == ".safetensors":

@@ -13,7 +13,6 @@ from-scratch run here trains like the official one.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -405,7 +404,7 @@ def build_first_stage(fs_config: ml_collections.ConfigDict,
               embed_dim=fs_config.embed_dim, out_ch=image_channels, dropout=fs_config.dropout,
               norm_groups=fs_config.norm_groups)
   if kind == "vq":
-    return VQModel(n_embed=fs_config.n_embed, beta=fs_config.beta, legacy=fs_config.get("vq_legacy", True), **arch)
+    return VQModel(n_embed=fs_config.n_embed, beta=fs_config.beta, legacy=fs_config.vq_legacy, **arch)
   return AutoencoderKL(**arch)
 
 
@@ -429,23 +428,3 @@ def first_stage_param_count(fs_config: ml_collections.ConfigDict, image_size: in
   """Autoencoder parameters (encoder, decoder, codebook, quant convs; no discriminator or loss). 0 for 'none'."""
   module = build_first_stage(fs_config, image_channels)
   return 0 if module is None else count_params(abstract_params(module, image_size, image_channels))
-
-
-def torch_key_to_flax_path(key: str, ndim: int) -> tuple[str, ...]:
-  """Official state-dict key (without the `first_stage_model.` / `loss.discriminator.` prefix) -> params path.
-
-  `ndim` is the PyTorch tensor's rank: a rank-1 `weight` is a norm scale, a rank-4 one a conv kernel (which the
-  importer must also transpose OIHW -> HWIO). BatchNorm `running_mean/var` map into 'batch_stats' as mean/var.
-  Example: 'encoder.down.1.block.0.nin_shortcut.weight' -> ('encoder', 'down_1_block_0', 'nin_shortcut', 'kernel').
-  """
-  name = re.sub(r"\b(down|up)\.(\d+)\.(block|attn)\.(\d+)\.", r"\1_\2_\3_\4.", key)
-  name = re.sub(r"\b(down|up)\.(\d+)\.(downsample|upsample)\.", r"\1_\2_\3.", name)
-  name = re.sub(r"\bmid\.", "mid_", name)
-  name = re.sub(r"\bmain\.(\d+)\.", r"main_\1.", name)
-  parts = name.split(".")
-  if parts[-2:] == ["embedding", "weight"]:
-    return tuple(parts[:-1])
-  leaf = {"running_mean": "mean", "running_var": "var"}.get(parts[-1], parts[-1])
-  if leaf == "weight":
-    leaf = "kernel" if ndim == 4 else "scale"
-  return tuple(parts[:-1]) + (leaf,)

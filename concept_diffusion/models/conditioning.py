@@ -17,6 +17,9 @@ from typing import Any, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from concept_diffusion import config as config_lib
 
 
 class TokenRoutes(NamedTuple):
@@ -28,13 +31,29 @@ class TokenRoutes(NamedTuple):
 CONDITIONINGS: dict[str, type[nn.Module]] = {}
 
 
-def register_conditioning(name: str, cls: type[nn.Module], *, override: bool = False) -> type[nn.Module]:
-  """Makes `cls` available as `unet.conditioning=name`. Returns `cls` (usable as a decorator's body)."""
+def register_conditioning(name: str, cls: type[nn.Module], *,
+                          defaults: ml_collections.ConfigDict | dict | None = None,
+                          override: bool = False) -> type[nn.Module]:
+  """Makes `cls` available as `unet.conditioning=name`. Returns `cls` (usable as a decorator's body).
+
+  `defaults` become the fields `config.unet.<name>.*` (e.g. --config.unet.<name>.hidden=32); the UNet passes them
+  to `cls` as keyword arguments, so each is also an attribute of the module."""
+  if defaults is not None:
+    config_lib.add_extension_fields("unet", name, defaults)
   if name in CONDITIONINGS and CONDITIONINGS[name] is not cls and not override:
     raise ValueError(f"conditioning {name!r} is already registered ({CONDITIONINGS[name].__name__}); pick another "
                      "name or pass override=True.")
   CONDITIONINGS[name] = cls
   return cls
+
+
+def conditioning_options(unet_config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """The chosen conditioning's own fields (config.unet.<name>.*) as sorted (key, value) pairs: the UNet's keyword
+  arguments for it, hashable as a Linen attribute must be. () for a conditioning without fields."""
+  options = unet_config.get(unet_config.conditioning)  # a conditioning registered without defaults has none
+  if not isinstance(options, ml_collections.ConfigDict):
+    return ()
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.to_dict().items()))
 
 
 class CrossAttention(nn.Module):

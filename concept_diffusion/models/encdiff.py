@@ -28,12 +28,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from concept_diffusion.diffusion import (Schedule, ddim_sample, loss_weights, make_schedule, noise_loss,
-                                         q_sample, sample_timesteps)
+from concept_diffusion.diffusion import (LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, SPACINGS, TIMESTEP_SAMPLINGS,
+                                         Schedule, ddim_sample, loss_weights, make_schedule, noise_loss, q_sample,
+                                         sample_timesteps)
+from concept_diffusion import config as config_lib
 from concept_diffusion import hardware
+from concept_diffusion.errors import UserError
 from concept_diffusion.models import autoencoder
 from concept_diffusion.models.conditioning import CONDITIONINGS, TokenRoutes, register_conditioning  # noqa: F401
 from concept_diffusion.models.encoder import build_encoder
+from concept_diffusion.models.kernels import ATTENTION_IMPLS, CONV_IMPLS
 from concept_diffusion.models.unet import UNet, build_unet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,15 +67,21 @@ def _register(registry: dict, what: str, name: str, build: Callable, override: b
 
 
 def register_encoder(name: str, build: Callable[[ml_collections.ConfigDict], nn.Module], *,
-                     override: bool = False) -> Callable:
-  """Makes `build(config)` available as `encoder.kind=name`."""
+                     defaults: ml_collections.ConfigDict | dict | None = None, override: bool = False) -> Callable:
+  """Makes `build(config)` available as `encoder.kind=name`. `defaults` become the fields `config.encoder.<name>.*`
+  (e.g. --config.encoder.<name>.depth=4), which `build` reads; config.json keeps them."""
+  if defaults is not None:
+    config_lib.add_extension_fields("encoder", name, defaults)
   return _register(ENCODERS, "encoder", name, build, override)
 
 
 def register_first_stage(name: str, build: Callable[[ml_collections.ConfigDict], Optional[nn.Module]], *,
+                         defaults: ml_collections.ConfigDict | dict | None = None,
                          override: bool = False) -> Callable:
   """Makes `build(config)` available as `first_stage.kind=name` (the trainer trains only 'vq' and 'kl'; another
-  first stage comes pretrained through first_stage.checkpoint)."""
+  first stage comes pretrained through first_stage.checkpoint). `defaults` become `config.first_stage.<name>.*`."""
+  if defaults is not None:
+    config_lib.add_extension_fields("first_stage", name, defaults)
   return _register(FIRST_STAGES, "first stage", name, build, override)
 
 
@@ -310,12 +320,30 @@ def _mean_attention(intermediates, side: int) -> jax.Array:
   return jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)
 
 
+def check_names(config: ml_collections.ConfigDict) -> None:
+  """One clear UserError for a config value that names nothing the code defines: an encoder, conditioning or
+  first stage that is not registered, an unknown schedule, timestep sampling, loss weighting or kernel.
+  build_model checks first, before any work; the config schema (config.py) cannot, as it imports no model code."""
+  config_lib.import_extensions(config)
+  named = [("encoder.kind", ENCODERS), ("first_stage.kind", FIRST_STAGES), ("unet.conditioning", CONDITIONINGS)]
+  for field, registry in named:
+    section, key = field.split(".")
+    if config[section][key] not in registry:
+      raise UserError(f"Invalid config: {field}={config[section][key]!r} is not registered; known: "
+                      f"{sorted(registry)}. A module that registers it goes in config.extensions.")
+  chosen = [("diffusion.beta_schedule", SCHEDULES), ("diffusion.timestep_sampling", TIMESTEP_SAMPLINGS),
+            ("diffusion.loss_weighting", LOSS_WEIGHTINGS), ("diffusion.prediction", PREDICTIONS),
+            ("sample.timestep_spacing", SPACINGS), ("unet.conv_impl", CONV_IMPLS),
+            ("unet.attention_impl", ATTENTION_IMPLS)]
+  for field, choices in chosen:
+    section, key = field.split(".")
+    if config[section][key] not in choices:
+      raise UserError(f"Invalid config: {field}={config[section][key]!r}; it must be one of {choices}.")
+
+
 def build_model(config: ml_collections.ConfigDict) -> EncDiff:
   """The EncDiff a config describes (its registered encoder, conditioning and first stage)."""
-  for section, registry in (("encoder", ENCODERS), ("first_stage", FIRST_STAGES)):
-    if config[section].kind not in registry:
-      raise ValueError(f"{section}.kind={config[section].kind!r} is not registered; known: {sorted(registry)}. "
-                       "A module that registers it goes in config.extensions.")
+  check_names(config)
   first_stage = FIRST_STAGES[config.first_stage.kind](config)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   if first_stage is None:

@@ -111,4 +111,4 @@ def _stacked_uniform(fan_in: int):
 def build_encoder(enc_config) -> ConceptEncoder:
   return ConceptEncoder(num_tokens=enc_config.num_tokens, token_dim=enc_config.token_dim, width=enc_config.width,
                         mlp_widths=tuple(enc_config.mlp_widths), bn_momentum=enc_config.bn_momentum,
-                        bn_eps=enc_config.bn_eps, strides=tuple(enc_config.get("strides", (2, 2, 2, 2))))
+                        bn_eps=enc_config.bn_eps, strides=tuple(enc_config.strides))

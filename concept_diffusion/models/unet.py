@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from concept_diffusion import parallel
-from concept_diffusion.models.conditioning import CONDITIONINGS
+from concept_diffusion.models.conditioning import CONDITIONINGS, conditioning_options
 from concept_diffusion.models.layers import ResBlock, SpatialTransformer, conv, dense, group_norm, timestep_embedding
 
 
@@ -45,6 +45,8 @@ class UNet(nn.Module):
   resblock_updown: bool = True
   norm_groups: int = 32
   conditioning: str = "cross_attention"  # a name in models/conditioning.CONDITIONINGS
+  # Its own fields (config.unet.<conditioning>.*) as (key, value) pairs: keyword arguments of the conditioning.
+  conditioning_options: tuple[tuple[str, Any], ...] = ()
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   attention_impl: str = "auto"
@@ -78,8 +80,8 @@ class UNet(nn.Module):
     emb = parallel.shard_batch(dense(emb_dim, "time_embed_2", dtype=self.dtype)(nn.silu(emb)))
     if self.conditioning not in CONDITIONINGS:
       raise ValueError(f"unet.conditioning={self.conditioning!r} is not registered; known: {sorted(CONDITIONINGS)}.")
-    routes = CONDITIONINGS[self.conditioning](emb_dim=emb_dim, dtype=self.dtype, name="conditioning")(
-        context.astype(self.dtype))
+    routes = CONDITIONINGS[self.conditioning](emb_dim=emb_dim, dtype=self.dtype, name="conditioning",
+                                              **dict(self.conditioning_options))(context.astype(self.dtype))
     context, cond = routes.context, routes.adagn
     context = None if context is None else parallel.shard_batch(context)
     cond = None if cond is None else parallel.shard_batch(cond)
@@ -91,7 +93,7 @@ class UNet(nn.Module):
     x = space_to_depth(x, self.patch_size)
     h = parallel.shard_batch(conv(self.model_channels, 3, "input_blocks_0_0", dtype=self.dtype,
                                   impl=self.conv_impl)(parallel.shard_batch(x.astype(self.dtype))))
-    skips, chans = [h], [self.model_channels]
+    skips = [h]
     ch, ds, block = self.model_channels, 1, 1
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
@@ -100,7 +102,6 @@ class UNet(nn.Module):
         if ds in self.attention_resolutions:
           h = self._attn(ch, f"input_blocks_{block}_1")(h, context, train)
         skips.append(h)
-        chans.append(ch)
         block += 1
       if level != len(self.channel_mult) - 1:
         if self.resblock_updown:
@@ -109,7 +110,6 @@ class UNet(nn.Module):
           h = conv(ch, 3, f"input_blocks_{block}_0_op", strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
                    impl=self.conv_impl)(h)
         skips.append(h)
-        chans.append(ch)
         block += 1
         ds *= 2
 
@@ -121,7 +121,6 @@ class UNet(nn.Module):
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = parallel.shard_batch(jnp.concatenate([h, skips.pop()], axis=-1))
-        chans.pop()
         ch = mult * self.model_channels
         h = self._res(ch, f"output_blocks_{block}_0")(h, emb, train, cond)
         sub = 1
@@ -169,6 +168,7 @@ def build_unet(unet_config, latent_channels: int, dtype: Any = jnp.float32, lear
               attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
               transformer_depth=unet_config.transformer_depth, dropout=unet_config.dropout,
               use_scale_shift_norm=unet_config.use_scale_shift_norm, resblock_updown=unet_config.resblock_updown,
-              norm_groups=unet_config.norm_groups, conditioning=unet_config.conditioning, dtype=dtype,
+              norm_groups=unet_config.norm_groups, conditioning=unet_config.conditioning,
+              conditioning_options=conditioning_options(unet_config), dtype=dtype,
               conv_impl=unet_config.conv_impl, attention_impl=unet_config.attention_impl, remat=unet_config.remat,
-              learned_input=learned_input, patch_size=unet_config.get("patch_size", 1))
+              learned_input=learned_input, patch_size=unet_config.patch_size)

@@ -33,12 +33,13 @@ from concept_diffusion.evaluation.encode import make_encode_step
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
 from concept_diffusion import hardware, perf
 from concept_diffusion.tools import collectives, profiling
-from concept_diffusion.train import diffusion_stage, first_stage, trainer
+from concept_diffusion.train import diffusion_stage, first_stage, stage, trainer
+from concept_diffusion.errors import UserError
 
 
 def make_batches(config, dataset, batch_size: int, mesh) -> Any:
   """The training input pipeline (an iterator of global batches), as train/trainer.py builds it."""
-  return trainer.make_pipeline(config, dataset, batch_size, config.seed + 1, mesh, "benchmark batch size")
+  return stage.make_pipeline(config, dataset, batch_size, config.seed + 1, mesh, "benchmark batch size")
 
 
 class _CacheProbe:
@@ -130,7 +131,7 @@ def random_ae_params(model: EncDiff, mesh, fsdp_min_size: int) -> Any:
   """Freshly initialised first-stage parameters in their shardings (None in pixel space)."""
   if model.first_stage is None:
     return None
-  shardings = parallel.state_shardings(model.abstract_ae_params(), mesh, fsdp_min_size)
+  shardings = parallel.fsdp_shardings(model.abstract_ae_params(), mesh, fsdp_min_size)
   x = jnp.zeros((1,) + model.image_shape, jnp.float32)
   return jax.jit(lambda key: model.first_stage.init(key, x)["params"], out_shardings=shardings)(jax.random.PRNGKey(1))
 
@@ -263,7 +264,7 @@ def run_benchmark(config, batch_sizes: Sequence[int] | None = None, *, steps: in
   for batch_size in batch_sizes:  # all checked before the first (slow) measurement
     perf.check_batch_divides(batch_size, len(devices))
   if steps < 1 or warmup < 0:
-    raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.")
+    raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.")
   dtype = compute_dtype_name(config)  # "auto" resolved for these devices
   peak, peak_source = perf.device_peak_flops(devices[0], dtype)
   peaks = [peak]

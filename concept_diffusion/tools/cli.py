@@ -2,17 +2,26 @@
 user's errors, the persistent compilation cache."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
 from concept_diffusion import checkpoint, interrupts, workdir
+from concept_diffusion import config as config_lib
+from concept_diffusion.errors import UserError
 
-# Errors that are the user's to fix (a bad value, a missing file, a busy workdir, an unreadable checkpoint, a
-# filesystem that refuses a write): one line, exit 2. --verbose (or CONCEPT_DIFFUSION_VERBOSE=1) re-raises them
-# with the traceback, for whoever extends the code.
-USER_ERRORS = (ValueError, FloatingPointError, KeyError, AttributeError, OSError, workdir.WorkdirInUse)
+# Errors that are the user's to fix: the project's own (a bad value, a missing file, a busy workdir, an unreadable
+# checkpoint, a loss that went non-finite) and a filesystem that refuses a read or a write: one line, exit 2.
+# Anything else is a bug and keeps its traceback. --verbose (or CONCEPT_DIFFUSION_VERBOSE=1) re-raises these too,
+# for whoever extends the code.
+USER_ERRORS = (UserError, OSError, workdir.WorkdirInUse, FloatingPointError)
+# What ml_collections' config_flags raises for a --config.<field>=... override that names no field (KeyError,
+# AttributeError with "Did you mean") or has a value of the wrong type (ValueError, TypeError): the user's too, but
+# only while the flags are parsed; the same types raised later are bugs.
+OVERRIDE_ERRORS = (KeyError, AttributeError, ValueError, TypeError)
 VERBOSE_ENV = "CONCEPT_DIFFUSION_VERBOSE"
 
 
@@ -35,11 +44,11 @@ def resolve_config_names(argv: Sequence[str]) -> list[str]:
         candidate = os.path.join(configs_dir, f"{name}.py")
         if not os.path.exists(candidate):
           known = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py") and not f.startswith("_"))
-          raise ValueError(f"--config={name}: no such file and no packaged config of that name; "
+          raise UserError(f"--config={name}: no such file and no packaged config of that name; "
                            f"packaged configs: {', '.join(known)}.")
         arg = f"{prefix}{candidate}{sep}{rest}"
       elif name and not os.path.exists(name):
-        raise ValueError(f"--config={name}: no such file. Pass a config file (configs/*.py) or the name of a "
+        raise UserError(f"--config={name}: no such file. Pass a config file (configs/*.py) or the name of a "
                          "packaged config (e.g. --config=quickstart).")
     out.append(arg)
   return out
@@ -56,15 +65,40 @@ def run(main: Callable) -> None:
     flags.DEFINE_bool("verbose", False, f"Full tracebacks instead of one-line errors (or {VERBOSE_ENV}=1).")
   try:
     sys.argv = resolve_config_names(sys.argv)
+    import_extensions_named_in(sys.argv)
     app.run(main)
   except interrupts.Interrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(e.exit_code)
-  except USER_ERRORS as e:
-    if _verbose_env() or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose):
+  except Exception as e:  # pylint: disable=broad-except
+    parsing = not flags.FLAGS.is_parsed()
+    if not (isinstance(e, USER_ERRORS) or (parsing and isinstance(e, OVERRIDE_ERRORS)) or _disk_full(e)):
       raise
-    print(f"error: {error_line(e)}", file=sys.stderr)
+    if _verbose_env() or (not parsing and flags.FLAGS.verbose) or "--verbose" in sys.argv:
+      raise
+    print(f"error: {error_line(e, parsing)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _disk_full(e: BaseException) -> bool:
+  """TensorStore (Orbax's arrays) reports a full disk as a ValueError, not an OSError."""
+  return isinstance(e, ValueError) and ("No space left on device" in str(e) or "os_error_code='28'" in str(e))
+
+
+def import_extensions_named_in(argv: Sequence[str]) -> None:
+  """Imports the modules of `--config.extensions=...` before the flags are parsed: what they register adds its
+  fields to the schema (config.add_extension_fields), and `--config.encoder.<name>.<field>=...` overrides need
+  those fields to exist when config_flags applies them."""
+  for i, arg in enumerate(argv):
+    value = arg[len("--config.extensions="):] if arg.startswith("--config.extensions=") else (
+        argv[i + 1] if arg == "--config.extensions" and i + 1 < len(argv) else None)
+    if value is None:
+      continue
+    try:
+      names = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      names = value  # a bare module name
+    config_lib.import_modules((names,) if isinstance(names, str) else tuple(names))
 
 
 def _verbose_env() -> bool:
@@ -92,7 +126,7 @@ def _quiet_background_io_errors() -> None:
   checkpoint.quiet_closed_event_loop_errors()
 
 
-def error_line(e: BaseException) -> str:
+def error_line(e: BaseException, parsing_flags: bool = False) -> str:
   """One line for the user: the message, and for a failed file operation the path and the cause."""
   if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
     where = f": {e.filename}" if e.filename else ""
@@ -103,8 +137,15 @@ def error_line(e: BaseException) -> str:
     message = (f"{message.split(' [tensorstore_spec=')[0]}. The disk is full: free space (or use another --workdir) "
                "and run the same command again; the last finished checkpoint is intact (Orbax renames a save into "
                "place only when it is complete)")
-  if isinstance(e, AttributeError) and "Did you mean" in message:
-    message = f"unknown config field {message}"
+  if parsing_flags and isinstance(e, (KeyError, AttributeError)):
+    # config_flags's message is the missing key ("'hidden'") and maybe a 'Did you mean "..." instead of "..."?'.
+    key = re.search(r"'(\w+)", message)
+    key = key.group(1) if key else message
+    hint = re.search(r"Did you mean [^?]*\?", message)
+    overrides = [a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    field = next((o[len("config."):] for o in overrides if key in o.split(".")), key)
+    message = (f"unknown config field {field}{'. ' + hint.group(0) if hint else ''} (an extension's own fields "
+               "exist once its module is in --config.extensions; the schema is concept_diffusion/config.py)")
   return message or type(e).__name__
 
 

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Sequence
 
+from concept_diffusion.errors import UserError
+
 # One thread per process: XLA:CPU's Eigen pool and its intra-op parallelism off, so that a process stays on its core.
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
@@ -76,9 +78,9 @@ def launch(command: Sequence[str], num_processes: int, *, pin: bool = True, sing
   first non-zero exit code, or 0. When one process fails the others are stopped (they would otherwise wait in a
   collective for it forever); SIGTERM to the launcher reaches every process (each saves at the same step)."""
   if num_processes < 1:
-    raise ValueError(f"--processes must be >= 1, got {num_processes}.")
+    raise UserError(f"--processes must be >= 1, got {num_processes}.")
   if not command:
-    raise ValueError("nothing to launch: give the command after --, e.g. "
+    raise UserError("nothing to launch: give the command after --, e.g. "
                      "encdiff-launch --processes=2 -- encdiff-train --config=quickstart --workdir=runs/q")
   port = free_port()
   child_env = process_env(os.environ if env is None else env, single_thread)

@@ -22,6 +22,7 @@ from concept_diffusion.checkpoint import first_line
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables, build_model, compute_dtype_name
 from concept_diffusion.tools import benchmark
 from concept_diffusion.train import diffusion_stage, first_stage
+from concept_diffusion.errors import UserError
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -65,9 +66,9 @@ def targets(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[
   if "diffusion" in config.stages:
     tx, step = diffusion_stage.step_for_config(config, model, mesh)
     state = parallel.with_shardings(states.abstract_state(model, tx),
-                                    states.state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
+                                    states.diffusion_state_shardings(model, tx, mesh, config.mesh.fsdp_min_size))
     sharded_ae = None if ae_params is None else parallel.with_shardings(
-        ae_params, parallel.state_shardings(ae_params, mesh, config.mesh.fsdp_min_size))
+        ae_params, parallel.fsdp_shardings(ae_params, mesh, config.mesh.fsdp_min_size))
     out.append(Target("diffusion_train_step",
                       lambda: step.trace(state, image(config.train.batch_size), ae_params, _key()),
                       images=config.train.batch_size,
@@ -101,7 +102,7 @@ def lower_all(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """One Result per (target, platform); a failure is recorded with its first error line, never raised."""
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown:
-    raise ValueError(f"--platforms: unknown {unknown}; known: {', '.join(PLATFORMS)}.")
+    raise UserError(f"--platforms: unknown {unknown}; known: {', '.join(PLATFORMS)}.")
   results = []
   for group in ([p for p in platforms if p == "cpu"], [p for p in platforms if p != "cpu"]):
     if not group:

@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import jax
 
+from concept_diffusion.errors import UserError
+
 # `%name = f32[2,3]{1,0} opcode(%a, %b), attr=..., calls=%comp, metadata={op_name="..."}`
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\S+)\s+(?P<opcode>[\w\-]+)\("
                           r"(?P<operands>[^)]*)\)(?P<attrs>.*)$")
@@ -182,7 +184,7 @@ def profile_compiled(compiled: Any, call: Callable[[], Any], *, steps: int, trac
   "share", "gflop_per_step", "gflop_per_busy_s"} (the last two None for rows without convolutions or dots).
   """
   if steps < 1:
-    raise ValueError(f"profile steps must be >= 1, got {steps}.")
+    raise UserError(f"profile steps must be >= 1, got {steps}.")
   instructions = parse_hlo(compiled.as_text())
   costs = instruction_costs(instructions)
   jax.block_until_ready(call())  # anything first-call (thread pools, allocations) stays out of the trace

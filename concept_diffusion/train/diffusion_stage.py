@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from concept_diffusion import parallel, states
 from concept_diffusion.models.encdiff import EncDiff
-from concept_diffusion.states import DiffusionState, create_state, state_shardings
+from concept_diffusion.states import DiffusionState, create_state, diffusion_state_shardings
 from concept_diffusion.train import jit_step
 
 
@@ -24,7 +24,7 @@ def create_sharded_state(model: EncDiff, tx: optax.GradientTransformation, rng: 
                          fsdp_min_size: int) -> DiffusionState:
   """A fresh state initialised directly into its shardings (every process computes the same values)."""
   return jit_step.create_sharded(functools.partial(create_state, model, tx), rng,
-                                 state_shardings(model, tx, mesh, fsdp_min_size))
+                                 diffusion_state_shardings(model, tx, mesh, fsdp_min_size))
 
 
 def ema_decay(max_decay: float, num_updates: jax.Array) -> jax.Array:
@@ -55,15 +55,14 @@ def make_train_step(model: EncDiff, tx: optax.GradientTransformation, lr_schedul
   key (the step is folded in inside). Compiled once per call of this function and input shapes; the state is
   donated. `abstract_ae_params`: the first stage's parameters (shapes) to shard like the state (None: pixels)."""
   step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule, max_ema_decay=max_ema_decay)
-  return jit_step.jit_train_step(step, mesh, state_shardings(model, tx, mesh, fsdp_min_size),
-                                 (parallel.state_shardings(abstract_ae_params, mesh, fsdp_min_size),))
+  return jit_step.jit_train_step(step, mesh, diffusion_state_shardings(model, tx, mesh, fsdp_min_size),
+                                 (parallel.fsdp_shardings(abstract_ae_params, mesh, fsdp_min_size),))
 
 
 def step_for_config(config, model: EncDiff, mesh: Mesh) -> tuple[optax.GradientTransformation, Callable]:
   """(optimiser, jitted step) for `model` as the config's train section and mesh ask; what the trainer runs."""
   parallel.check_batch_size(config.train.batch_size, mesh)
-  lr_schedule = states.learning_rate_schedule(config.train)
-  tx = states.make_optimizer(config.train, lr_schedule)
+  tx, lr_schedule = states.diffusion_optimizer(config.train)
   return tx, make_train_step(model, tx, lr_schedule, mesh, max_ema_decay=config.train.ema_decay,
                              fsdp_min_size=config.mesh.fsdp_min_size, abstract_ae_params=model.abstract_ae_params())
 

@@ -7,7 +7,7 @@ One `first_stage_train_step` does what Lightning does per batch with taming's tw
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +29,18 @@ def hinge_d_loss(logits_real: Array, logits_fake: Array) -> Array:
   return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
 
 
-def first_stage_train_step(state: FirstStageState, images: Array, rng: Array,
-                           config: ml_collections.ConfigDict) -> tuple[FirstStageState, dict[str, Array]]:
+def first_stage_train_step(state: FirstStageState, images: Array, rng: Array, *, model: Any, disc: Any,
+                           ae_tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
+                           fs: ml_collections.ConfigDict) -> tuple[FirstStageState, dict[str, Array]]:
   """One autoencoder update and one discriminator update on the same batch.
 
   Args:
     state: current state; donated by the caller's jit.
     images: (B, H, W, C) in [-1, 1].
     rng: this step's key (dropout and, for kind 'kl', the posterior sample).
-    config: the full config (static: bind it with functools.partial before jit).
+    model, disc, ae_tx, disc_tx: the autoencoder, the discriminator and their optimisers (`step_fn` builds them
+      once from the config and binds them).
+    fs: config.first_stage (its loss weights; read when the step is traced).
 
   Returns:
     The new state and scalar metrics.
@@ -57,12 +60,7 @@ def first_stage_train_step(state: FirstStageState, images: Array, rng: Array,
   generator, then real and fake separately for the discriminator), chaining the running statistics in that
   order as PyTorch does.
   """
-  fs = config.first_stage
-  kind = check_first_stage_kind(config)
-  check_perceptual(fs)
-  model = autoencoder.build_first_stage(fs, config.data.channels)
-  disc = autoencoder.build_discriminator(fs)
-  ae_tx, disc_tx = make_first_stage_optimizers(config)
+  kind = fs.kind
   dropout_rng, sample_rng = jax.random.split(rng)
   images = images.astype(jnp.float32)
   batch = images.shape[0]
@@ -142,9 +140,19 @@ def first_stage_train_step(state: FirstStageState, images: Array, rng: Array,
   return new_state, metrics
 
 
+def step_fn(config: ml_collections.ConfigDict) -> Callable:
+  """step(state, images, rng) -> (state, metrics): `first_stage_train_step` closing over the autoencoder, the
+  discriminator and both optimisers, built once here from the config (checked first: a kind the trainer cannot
+  train, or LPIPS weights, stop here)."""
+  fs = config.first_stage
+  check_first_stage_kind(config)
+  check_perceptual(fs)
+  ae_tx, disc_tx = make_first_stage_optimizers(config)
+  return functools.partial(first_stage_train_step, model=autoencoder.build_first_stage(fs, config.data.channels),
+                           disc=autoencoder.build_discriminator(fs), ae_tx=ae_tx, disc_tx=disc_tx, fs=fs)
+
+
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """The jitted, sharded step fn(state, images, rng) -> (state, metrics), closing over the config's values (read
-  once, when it is traced); compiled once per call of this function, state donated."""
+  """The jitted, sharded `step_fn(config)`; compiled once per call of this function, state donated."""
   parallel.check_batch_size(config.first_stage.batch_size, mesh, "first_stage.batch_size")
-  return jit_step.jit_train_step(functools.partial(first_stage_train_step, config=config), mesh,
-                                 first_stage_state_shardings(config, mesh))
+  return jit_step.jit_train_step(step_fn(config), mesh, first_stage_state_shardings(config, mesh))

@@ -1,6 +1,6 @@
 """Jitting a stage's train step over a mesh: explicit in/out shardings, donated state, the non-finite guard.
 
-Both stages' steps have the form step(state, images, *frozen_inputs, rng) -> (state, metrics). The wrapper
+Every stage's step has the form step(state, images, *frozen_inputs, rng) -> (state, metrics). The wrapper
 folds the state's step into the RNG inside the computation (so the host passes one constant key and the
 per-step randomness is a pure function of (seed, step)), and drops an update whose metrics (loss, gradient
 norm, ...) are not finite: the state then stays as it was except for its step and `nonfinite_steps`

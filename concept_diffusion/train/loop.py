@@ -1,7 +1,6 @@
-"""The training loop shared by both stages: progress bar, logging, checkpoints, preemption, NaN guard."""
+"""The training loop every stage runs (train/stage.py): progress bar, logging, checkpoints, preemption, NaN guard."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -18,10 +17,6 @@ from concept_diffusion import perf
 from concept_diffusion.workdir import MetricWriter
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
-
-# Fault injection for tests/test_parallel.py: SIGKILL the process right after the save of this step started
-# (the asynchronous write is then still in flight).
-KILL_AFTER_SAVE_ENV = "CONCEPT_DIFFUSION_TEST_KILL_AFTER_SAVE"
 
 
 class PreemptionWatch:
@@ -141,8 +136,6 @@ def run_loop(*, stage: str, state: Any, num_steps: int, step_fn: StepFn, batches
                 f"  ETA {_duration(eta)}", file=sys.stderr, flush=True)
       if save_due or preempted:
         ckpts.save(done, state, batches.get_state(), force=True)
-        if os.environ.get(KILL_AFTER_SAVE_ENV) == str(done):
-          os.kill(os.getpid(), signal.SIGKILL)
       if preempted:
         bar.close()
         ckpts.wait()
