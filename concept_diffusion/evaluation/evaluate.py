@@ -15,6 +15,7 @@ from concept_diffusion.evaluation.factor_reader import reader_for
 from concept_diffusion.evaluation.metrics import evaluate_codes, normalized_mutual_info
 from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
+from concept_diffusion.errors import UserError
 from concept_diffusion.evaluation.records import token_factor_matrix
 from concept_diffusion.visualize import plot_swap_matrix
 from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, figure_path, load_npy, read_text, write_json
@@ -124,7 +125,7 @@ def evaluate_generation(config, model: EncDiff, variables, ae_params: Any, datas
   scores into W/eval/metrics_<step>.json and draws W/figures/swap_matrix.png (unless `write` is False)."""
   ev = config.eval
   if model.first_stage is not None and ae_params is None:
-    raise ValueError("generation metrics in a latent space need the first stage's parameters (ae_params).")
+    raise UserError("generation metrics in a latent space need the first stage's parameters (ae_params).")
   reader = reader_for(dataset, config.data, ev.generation_reader_dir, steps=ev.generation_reader_steps,
                       seed=ev.seed, progress=progress)
   if tokens is None:

@@ -28,6 +28,7 @@ import optax
 from flax import traverse_util
 
 from concept_diffusion.data.base import GroundTruthDataset
+from concept_diffusion.errors import UserError
 from concept_diffusion.workdir import atomic_path, exists, read_text, write_json
 
 HELD_OUT_SHARE = 20  # one index in 20 (by hash) is held out
@@ -115,7 +116,7 @@ def train_reader(dataset: GroundTruthDataset, *, steps: int = 800, batch_size: i
   """Trains a reader on random labelled images outside the held-out share; measures it on `num_held_out` inside.
   A dataset that renders on the device (procedural ones) renders each batch inside the jitted step."""
   if steps < 1 or batch_size < 1:
-    raise ValueError(f"reader steps and batch size must be >= 1, got {steps} and {batch_size}.")
+    raise UserError(f"reader steps and batch size must be >= 1, got {steps} and {batch_size}.")
   net = FactorReaderNet(tuple(dataset.factor_sizes), width)
   rng = np.random.default_rng(seed)
   params = net.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + tuple(dataset.image_shape)))["params"]

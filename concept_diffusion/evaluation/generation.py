@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from concept_diffusion.data.base import GroundTruthDataset
+from concept_diffusion.errors import UserError
 from concept_diffusion.evaluation.factor_reader import FactorReader
 
 # A token is uninformative when the information its scalar carries about all factors together is below this share
@@ -50,7 +51,7 @@ def tokens_to_swap(matrix: np.ndarray, which: str) -> np.ndarray:
     return np.unique(np.asarray(matrix).argmax(axis=0))
   if which == "informative":
     return informative_tokens(matrix)
-  raise ValueError(f"unknown token choice {which!r}; choose 'informative', 'per_factor' or 'all'.")
+  raise UserError(f"unknown token choice {which!r}; choose 'informative', 'per_factor' or 'all'.")
 
 
 def swap_pairs(dataset: GroundTruthDataset, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +85,9 @@ def generation_metrics(reader: FactorReader, dataset: GroundTruthDataset, recons
   factor name, the swap matrix (rows in the order of `tokens`), and the reader's held-out accuracy.
   """
   if num_images < 1:
-    raise ValueError(f"generation metrics need num_images >= 1, got {num_images}.")
+    raise UserError(f"generation metrics need num_images >= 1, got {num_images}.")
   if tuple(reader.factor_sizes) != tuple(dataset.factor_sizes):
-    raise ValueError(f"the factor reader reads factor sizes {reader.factor_sizes}, but {dataset.name} has "
+    raise UserError(f"the factor reader reads factor sizes {reader.factor_sizes}, but {dataset.name} has "
                      f"{tuple(dataset.factor_sizes)}; train a reader for this dataset.")
   tokens = [int(k) for k in tokens]
   names = list(dataset.factor_names)
