@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from concept_diffusion.evaluation import generation
+from concept_diffusion.evaluation import records
 from concept_diffusion.evaluation.records import eval_history, token_factor_matrix
 from concept_diffusion.models.encdiff import EncDiff, as_uint8
 from concept_diffusion.workdir import (FIGURES_DIR, atomic_path, eval_path, eval_steps, figure_path, load_npy,
@@ -161,12 +161,12 @@ def token_labels(num_tokens: int, evaluation: dict | None, generation_record: di
   really change and how often ('token 3 swaps floor_hue 94%'), or 'swap changes nothing' when no factor takes the
   target's value in 20% of its swaps. Otherwise the factor its scalar encodes most, with the value of the
   information matrix it comes from (DCI importance, else MIG's I/H; records.token_factor_matrix), and
-  '(uninformative)' for tokens below generation.UNINFORMATIVE_SHARE of the most informative one."""
+  '(uninformative)' for tokens below records.UNINFORMATIVE_SHARE of the most informative one."""
   labels = [f"token {k}" for k in range(num_tokens)]
   matrix, source = token_factor_matrix(evaluation)
-  informative = set(range(num_tokens)) if matrix is None else set(generation.informative_tokens(matrix).tolist())
+  informative = set(range(num_tokens)) if matrix is None else set(records.informative_tokens(matrix).tolist())
   swapped = set(generation_record.get("generation.swap_tokens", [])) if generation_record else set()
-  swap_labels = generation.swap_factor_labels(generation_record, num_tokens)
+  swap_labels = records.swap_factor_labels(generation_record, num_tokens)
   names = (evaluation or {}).get("factor_names") or []
   for k in range(num_tokens):
     if k in swap_labels:
@@ -184,16 +184,11 @@ def token_labels(num_tokens: int, evaluation: dict | None, generation_record: di
 
 def shown_tokens(num_tokens: int, evaluation: dict | None, all_tokens: bool = False) -> tuple[int, ...]:
   """The tokens figures draw: every token with `all_tokens` or without an evaluation record to judge them by,
-  else the informative ones (generation.informative_tokens)."""
+  else the informative ones (records.informative_tokens)."""
   matrix, _ = token_factor_matrix(evaluation)
   if all_tokens or matrix is None:
     return tuple(range(num_tokens))
-  return tuple(int(k) for k in generation.informative_tokens(matrix) if k < num_tokens)
-
-
-def latest_generation_record(workdir: str) -> dict | None:
-  steps = eval_steps(workdir, "generation")
-  return json.loads(read_text(eval_path(workdir, "generation", steps[-1]))) if steps else None
+  return tuple(int(k) for k in records.informative_tokens(matrix) if k < num_tokens)
 
 
 def plot_swap_matrix(record: dict, path: str) -> None:
@@ -268,7 +263,7 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
   targets = images[n:] if num_drawn == 2 * n else jnp.roll(sources, -1, axis=0)
   history = eval_history(workdir)
   evaluation = history[-1] if history else None
-  labels = token_labels(config.encoder.num_tokens, evaluation, latest_generation_record(workdir))
+  labels = token_labels(config.encoder.num_tokens, evaluation, records.latest_generation_record(workdir))
   shown = shown_tokens(config.encoder.num_tokens, evaluation, all_tokens)
   keys = jax.random.split(rng, 4)
   written = []
@@ -339,5 +334,9 @@ def write_run_figures(config, workdir: str, dataset, model: EncDiff, state, ae_p
   if history:
     written.append(os.path.join(figures, "metrics.png"))
     plot_metric_history(history, written[-1])
+  generation_record = records.latest_generation_record(workdir)
+  if generation_record:
+    written.append(os.path.join(figures, "swap_matrix.png"))
+    plot_swap_matrix(generation_record, written[-1])
   return written
 

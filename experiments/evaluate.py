@@ -11,12 +11,12 @@ reader; W/eval/generation_<step>.json and W/figures/swap_matrix.png).
 """
 from absl import flags, logging
 
-from concept_diffusion import api, data
+from concept_diffusion import api, data, visualize
 from concept_diffusion.baselines import trainer as baseline_trainer
 from concept_diffusion.evaluation import evaluate
 from concept_diffusion.evaluation import generation as generation_lib
 from concept_diffusion.tools import cli
-from concept_diffusion.workdir import load_config
+from concept_diffusion.workdir import figure_path, load_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by encdiff-train.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -61,6 +61,7 @@ def _main(argv):
           config, run.model, run.variables, run.ae_params, dataset, workdir, step, num_images=_NUM_IMAGES.value,
           steps=_DDIM_STEPS.value, eta=_ETA.value, tokens=[int(k) for k in _TOKENS.value] if _TOKENS.value else None)
       scores = generation_lib.headline_scores(record)
+      visualize.plot_swap_matrix(record, figure_path(workdir, "swap_matrix.png"))
     else:
       scores, extras = evaluate.evaluate_encdiff(config, run.model, run.variables, dataset, workdir, step,
                                                  metrics=_METRICS.value, ae_params=run.ae_params)

@@ -55,7 +55,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
   raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of {SPACINGS}.")
 
 
-def _chain(schedule: Schedule, steps: int, spacing: str, min_alpha_bar: float) -> np.ndarray:
+def chain(schedule: Schedule, steps: int, spacing: str = "leading", min_alpha_bar: float = 0.0) -> np.ndarray:
+  """The timesteps a sampler of `steps` visits (LDM's leading grid can give one more than asked)."""
   return ddim_timesteps(last_timestep(schedule, min_alpha_bar) + 1, steps, spacing)
 
 
@@ -89,7 +90,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
   With `aux_init` (a pytree of zeros), `eps_fn` returns (eps, aux) and the aux values are summed over the
   sampling steps and returned last (e.g. cross-attention maps) without changing the samples.
   """
-  ts = _chain(schedule, steps, spacing, min_alpha_bar)
+  ts = chain(schedule, steps, spacing, min_alpha_bar)
   abar = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
   a = abar[ts]
   a_prev = np.concatenate([abar[:1], abar[ts[:-1]]])
@@ -128,7 +129,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, x_T: jax.Array, rng: jax.Arra
   `steps` < T samples the respaced chain of those timesteps (improved DDPM's respacing: betas 1 - a_t / a_prev
   between visited steps); the last step goes to alpha_bar = 1, noise-free. None: all T steps.
   """
-  ts = _chain(schedule, steps or schedule.num_timesteps, spacing, min_alpha_bar)
+  ts = chain(schedule, steps or schedule.num_timesteps, spacing, min_alpha_bar)
   abar = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
   a = abar[ts]
   a_prev = np.concatenate([[1.0], a[:-1]])

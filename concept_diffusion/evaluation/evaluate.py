@@ -17,8 +17,7 @@ from concept_diffusion.evaluation.token_reliance import token_reliance
 from concept_diffusion.models.encdiff import EncDiff, EncDiffVariables
 from concept_diffusion.errors import UserError
 from concept_diffusion.evaluation.records import token_factor_matrix
-from concept_diffusion.visualize import plot_swap_matrix
-from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, figure_path, load_npy, read_text, write_json
+from concept_diffusion.workdir import EVAL_DIR, eval_path, eval_steps, exists, load_npy, read_text, write_json
 
 # encode(dataset, out_path=, progress=) -> the (num_images, d) code table of a dataset in canonical order.
 EncodeFn = Callable[..., np.ndarray]
@@ -122,7 +121,7 @@ def evaluate_generation(config, model: EncDiff, variables, ae_params: Any, datas
                         write: bool = True) -> dict[str, Any]:
   """The generation metrics of an EncDiff state (eval.generation_* and config.sample's DDIM settings unless
   given), swapping eval.generation_tokens (or `tokens`). Writes W/eval/generation_<step>.json, merges the headline
-  scores into W/eval/metrics_<step>.json and draws W/figures/swap_matrix.png (unless `write` is False)."""
+  scores into W/eval/metrics_<step>.json (unless `write` is False); figures draw W/figures/swap_matrix.png from it."""
   ev = config.eval
   if model.first_stage is not None and ae_params is None:
     raise UserError("generation metrics in a latent space need the first stage's parameters (ae_params).")
@@ -149,7 +148,6 @@ def evaluate_generation(config, model: EncDiff, variables, ae_params: Any, datas
         "step": int(step), "dataset": dataset.name, "factor_names": list(dataset.factor_names)}
     merged.update({k: v for k, v in record.items() if k.startswith("generation.")})
     write_json(metrics_path, merged, indent=2)
-    plot_swap_matrix(record, figure_path(workdir, "swap_matrix.png"))
   return record
 
 

@@ -20,10 +20,7 @@ import numpy as np
 from concept_diffusion.data.base import GroundTruthDataset
 from concept_diffusion.errors import UserError
 from concept_diffusion.evaluation.factor_reader import FactorReader
-
-# A token is uninformative when the information its scalar carries about all factors together is below this share
-# of the most informative token's (as the figures label tokens).
-UNINFORMATIVE_SHARE = 0.05
+from concept_diffusion.evaluation.records import informative_tokens
 
 # reconstruct(source_images) -> images; swap(source_images, target_images, token) -> images. Both regenerate
 # from the same noise for the same sources, so a swap differs from the reconstruction only through its token.
@@ -34,12 +31,6 @@ SwapFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 def headline_scores(record: dict[str, Any]) -> dict[str, float]:
   """The record's scores that sit beside FactorVAE, DCI and MIG in a score table (means over factors)."""
   return {k: float(record[k]) for k in ("generation.reconstruction_accuracy", "generation.swap_score") if k in record}
-
-
-def informative_tokens(matrix: np.ndarray) -> np.ndarray:
-  """Indices of the tokens (rows of a (num_tokens, num_factors) information matrix) that are not uninformative."""
-  total = np.asarray(matrix, np.float64).sum(axis=1)
-  return np.flatnonzero(total >= UNINFORMATIVE_SHARE * max(total.max(), 1e-12))
 
 
 def tokens_to_swap(matrix: np.ndarray, which: str) -> np.ndarray:
@@ -127,26 +118,6 @@ def generation_metrics(reader: FactorReader, dataset: GroundTruthDataset, recons
         "generation.swap_token.per_factor": {n: tokens[v["token_row"]] for n, v in per_factor.items()},
     })
   return record
-
-
-def swap_factor_labels(record: Optional[dict[str, Any]], num_tokens: int, min_take: float = 0.2
-                       ) -> dict[int, str]:
-  """token -> the factor its swaps really change: the largest take-rate in its row of the swap matrix beyond what
-  chance gives (at least `min_take` and twice 1 / factor size: a generator that draws a 4-valued factor at random
-  shows the target's value in a quarter of the swaps), from a generation record; {} without one."""
-  if not record or "generation.swap_matrix" not in record:
-    return {}
-  matrix, names = np.asarray(record["generation.swap_matrix"]), record.get("factor_names") or []
-  if not matrix.size:
-    return {}
-  sizes = np.asarray(record.get("generation.factor_sizes") or [np.inf] * matrix.shape[1], np.float64)
-  beyond_chance = np.where(matrix >= np.maximum(min_take, 2.0 / sizes), matrix, -1.0)
-  labels = {}
-  for row, k in enumerate(record["generation.swap_tokens"]):
-    if k < num_tokens and beyond_chance[row].max() >= 0:
-      f = int(beyond_chance[row].argmax())
-      labels[k] = f"{names[f] if f < len(names) else f'factor {f}'} {matrix[row, f]:.0%}"
-  return labels
 
 
 def describe_generation(record: dict[str, Any]) -> str:

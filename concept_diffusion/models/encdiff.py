@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from concept_diffusion.diffusion import (LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, SPACINGS, TIMESTEP_SAMPLINGS,
-                                         Schedule, ddim_sample, loss_weights, make_schedule, noise_loss, q_sample,
+                                         Schedule, chain, ddim_sample, loss_weights, make_schedule, noise_loss, q_sample,
                                          sample_timesteps)
 from concept_diffusion import config as config_lib
 from concept_diffusion import hardware
@@ -242,7 +242,7 @@ class EncDiff:
 
     aux = jnp.zeros((batch, attention_side ** 2, n), jnp.float32)
     latents, maps = ddim_sample(eps_and_maps, self.schedule, x_T, sample_key, steps, eta, aux_init=aux, **sampler)
-    maps = maps / steps  # the sampler visits exactly `steps` timesteps
+    maps = maps / len(chain(self.schedule, steps, self.timestep_spacing, self.min_alpha_bar))
     return decode(latents), maps.reshape(batch, attention_side, attention_side, n)
 
   def x0_range(self) -> Optional[tuple[float, float]]:

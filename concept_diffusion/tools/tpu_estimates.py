@@ -13,6 +13,7 @@ import os
 from typing import Any, Iterable
 
 from concept_diffusion.tools.tpu_topology import CHIPS
+from concept_diffusion.workdir import write_json
 
 PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_estimates.json")
 _KEY = ("chip", "num_devices", "mesh", "compute_dtype", "batch_size", "function")
@@ -53,7 +54,6 @@ def merge(path: str, new_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   keyed = {_key(r): r for r in load(path)}
   keyed.update({_key(r): r for r in new_rows})
   rows = sorted(keyed.values(), key=lambda r: tuple(str(v) for v in _key(r)))
-  from concept_diffusion.workdir import write_json  # pylint: disable=g-import-not-at-top
   write_json(path, {"rows": rows}, indent=1)
   return rows
 
